@@ -1,0 +1,92 @@
+"""Command-line entry points behind ``scripts/*.py`` (the scripts stay thin).
+
+Config mistakes print one ``error: <file>: <key>: <message>`` line on stderr and
+exit with code 2 (a traceback only with ``--debug``); data errors exit with 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from seg_accel.errors import ConfigError, DataError
+
+
+def _is_main_process() -> bool:
+    """Before any process group exists: rank from the launcher's environment."""
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def config_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument(
+        "--cfg-options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. optimizer.lr=0.01 data.train.pipeline.1.prob=0.5 a=[1,2]",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
+            argv: Sequence[str] | None = None) -> int:
+    args = parser.parse_args(argv)
+    try:
+        return main(args) or 0
+    except ConfigError as exc:
+        if args.debug:
+            raise
+        if _is_main_process():
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+# --------------------------------------------------------------------------- train
+def _train(args: argparse.Namespace) -> int:
+    from seg_accel.config import load_config, resolve_work_dir
+    from seg_accel.config.schema import validate_train_config
+
+    cfg = load_config(args.config, args.cfg_options)
+    work_dir = resolve_work_dir(cfg, args.work_dir)
+    cfg.dict["work_dir"] = work_dir
+    train_cfg = validate_train_config(cfg)  # everything is checked before anything heavy starts
+
+    from seg_accel.engine import Trainer
+
+    Trainer(train_cfg, cfg, work_dir).train()
+    return 0
+
+
+def train_cli(argv: Sequence[str] | None = None) -> int:
+    parser = config_parser("Train a segmentation model from a YAML config (run under `accelerate launch`).")
+    parser.add_argument("--work-dir", help="where logs, checkpoints and the final model go "
+                                           "(default: the config's work_dir, else work_dirs/<config name>)")
+    return run_cli(_train, parser, argv)
+
+
+# --------------------------------------------------------------------------- print_config
+def _print_config(args: argparse.Namespace) -> int:
+    from seg_accel.config import load_config
+    from seg_accel.config.schema import validate_train_config
+
+    cfg = load_config(args.config, args.cfg_options)
+    sys.stdout.write(cfg.dump())
+    sys.stdout.flush()
+    if not args.no_validate:
+        validate_train_config(cfg)
+    return 0
+
+
+def print_config_cli(argv: Sequence[str] | None = None) -> int:
+    parser = config_parser("Print the resolved config (after _base_, _delete_ and --cfg-options) as YAML.")
+    parser.add_argument("--no-validate", action="store_true", help="print only; do not check the config")
+    return run_cli(_print_config, parser, argv)

@@ -1,0 +1,386 @@
+"""Load YAML configs: ``_base_`` inheritance, ``_delete_``, ``--cfg-options``, ``custom_imports``.
+
+Every resolved key remembers the file it came from (``Config.origin``), so
+that errors later on can name both the dotted key and the file.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from seg_accel.errors import ConfigError
+
+BASE_KEY = "_base_"
+DELETE_KEY = "_delete_"
+CFG_OPTIONS = "--cfg-options"
+
+logger = logging.getLogger("seg_accel")
+
+
+@dataclass
+class Config:
+    """A resolved config: the plain nested dict plus where each key came from."""
+
+    dict: dict[str, Any]
+    filename: str
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def origin(self, key: str | None) -> str:
+        """The file that set ``key`` (or its closest parent); the main file otherwise."""
+        while key:
+            if key in self.origins:
+                return self.origins[key]
+            key = key.rpartition(".")[0]
+        return self.filename
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.dict.get(key, default)
+
+    def dump(self) -> str:
+        return yaml.safe_dump(_plain(self.dict), sort_keys=False, default_flow_style=None, width=100)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.dump())
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses duplicate keys in one mapping (YAML would keep the last silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", file=str(path)) from exc
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"YAML syntax error{where}: {problem}", file=str(path)) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config file must be a YAML mapping, got {type(data).__name__}", file=str(path))
+    return data
+
+
+def _record(obj: Any, key: str, file: str, origins: dict[str, str]) -> None:
+    origins[key] = file
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k != DELETE_KEY:
+                _record(v, f"{key}.{k}", file, origins)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _record(v, f"{key}.{i}", file, origins)
+
+
+def _forget(key: str, origins: dict[str, str]) -> None:
+    for k in [k for k in origins if k == key or k.startswith(key + ".")]:
+        del origins[k]
+
+
+def _strip_delete(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip_delete(v) for k, v in obj.items() if k != DELETE_KEY}
+    if isinstance(obj, list):
+        return [_strip_delete(v) for v in obj]
+    return obj
+
+
+def _merge(base: dict, child: dict, prefix: str, file: str, origins: dict[str, str]) -> None:
+    """Merge ``child`` (raw, from ``file``) into ``base`` in place.
+
+    Dicts merge recursively unless the child dict has ``_delete_: true``;
+    everything else, lists included, replaces the base value whole.
+    """
+    for k, v in child.items():
+        if k == DELETE_KEY:
+            continue
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and k in base and not v.get(DELETE_KEY, False):
+            if not isinstance(base[k], dict):
+                raise ConfigError(
+                    f"'{k}' is a mapping here but {base[k]!r} ({type(base[k]).__name__}) in the base config "
+                    f"({origins.get(key, 'base')}); set '{DELETE_KEY}: true' in it to replace the base value",
+                    key=key,
+                    file=file,
+                )
+            origins[key] = file
+            _merge(base[k], v, key, file, origins)
+        else:
+            _forget(key, origins)
+            base[k] = _strip_delete(v)
+            _record(v, key, file, origins)
+
+
+def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
+    path = path.resolve()
+    raw = _read_yaml(path)
+    file = str(path)
+    bases = raw.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"'{BASE_KEY}' must be a path or a list of paths, got {bases!r}", key=BASE_KEY, file=file)
+
+    merged: dict = {}
+    origins: dict[str, str] = {}
+    base_of_key: dict[str, str] = {}
+    for base in bases:
+        base_path = (path.parent / base).resolve()
+        if base_path in stack or base_path == path:
+            chain = " -> ".join(str(p) for p in (*stack, path, base_path))
+            raise ConfigError(f"_base_ cycle: {chain}", key=BASE_KEY, file=file)
+        if not base_path.is_file():
+            raise ConfigError(
+                f"base config '{base}' not found (looked for {base_path})", key=BASE_KEY, file=file
+            )
+        base_dict, base_origins = _load_file(base_path, (*stack, path))
+        for k in base_dict:
+            if k in merged:
+                raise ConfigError(
+                    f"top-level key '{k}' is set by two sibling bases, {base_of_key[k]} and {base_path}; "
+                    "a key may come from only one base of the same file",
+                    key=BASE_KEY,
+                    file=file,
+                )
+            base_of_key[k] = str(base_path)
+        merged.update(base_dict)
+        origins.update(base_origins)
+
+    if raw.get(DELETE_KEY, False):
+        merged, origins = {}, {}
+    _merge(merged, raw, "", file, origins)
+    return merged, origins
+
+
+# --------------------------------------------------------------------------- --cfg-options
+def _split_top_level(text: str, option: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    quote = None
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+            if depth < 0:
+                raise ConfigError(f"unbalanced brackets in '{option}'", key=CFG_OPTIONS)
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0 or quote:
+        raise ConfigError(f"unbalanced {'quotes' if quote else 'brackets'} in '{option}'", key=CFG_OPTIONS)
+    parts.append(text[start:])
+    return parts
+
+
+def _parse_atom(text: str) -> Any:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    low = text.lower()
+    if low == "true":
+        return True
+    if low == "false":
+        return False
+    if low in ("null", "none", "~"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_option_value(text: str, option: str = "") -> Any:
+    """'1' -> 1, '1e-4' -> 1e-4, 'true' -> True, 'null' -> None, '[1,(2,3)]' -> [1, [2, 3]], 'a,b' -> ['a', 'b']."""
+    option = option or text
+    text = text.strip()
+    if text[:1] in "[(":
+        close = "]" if text[0] == "[" else ")"
+        if text[-1:] != close:
+            raise ConfigError(f"malformed list in '{option}': '{text}' does not end with '{close}'", key=CFG_OPTIONS)
+        inner = text[1:-1].strip()
+        if not inner:
+            return []
+        _split_top_level(text, option)  # balance check of the whole value
+        return [parse_option_value(p, option) for p in _split_top_level(inner, option) if p.strip() != ""]
+    if text[:1] in "])":
+        raise ConfigError(f"unbalanced brackets in '{option}'", key=CFG_OPTIONS)
+    parts = _split_top_level(text, option)
+    if len(parts) > 1:
+        return [parse_option_value(p, option) for p in parts if p.strip() != ""]
+    return _parse_atom(text)
+
+
+def parse_cfg_options(options: list[str] | None) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` strings; a malformed one is a ConfigError naming it."""
+    parsed = []
+    for option in options or []:
+        if "=" not in option:
+            raise ConfigError(f"malformed option '{option}': expected KEY=VALUE (e.g. optimizer.lr=0.01)", key=CFG_OPTIONS)
+        key, _, value = option.partition("=")
+        key = key.strip()
+        if not key or any(part == "" for part in key.split(".")):
+            raise ConfigError(f"malformed option '{option}': empty key or key part", key=CFG_OPTIONS)
+        if value.strip() == "":
+            raise ConfigError(f"malformed option '{option}': missing value after '='", key=CFG_OPTIONS)
+        parsed.append((key, parse_option_value(value, option)))
+    return parsed
+
+
+def apply_option(cfg: dict, key: str, value: Any, origins: dict[str, str]) -> None:
+    parts = key.split(".")
+    node: Any = cfg
+    walked: list[str] = []
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        here = ".".join(walked) or "<root>"
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit():
+                raise ConfigError(f"'{here}' is a list; use a number to index it, not '{part}'", key=CFG_OPTIONS)
+            idx = int(part)
+            if not -len(node) <= idx < len(node):
+                raise ConfigError(f"index {idx} out of range for '{here}' (length {len(node)})", key=CFG_OPTIONS)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if part not in node or node[part] is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(
+                f"cannot set '{key}': '{here}' is {node!r} ({type(node).__name__}), not a mapping or list",
+                key=CFG_OPTIONS,
+            )
+        walked.append(part)
+    _forget(key, origins)
+    _record(value, key, CFG_OPTIONS, origins)
+
+
+# --------------------------------------------------------------------------- custom_imports
+def import_custom_modules(cfg: Config) -> list[str]:
+    """Import ``custom_imports.imports`` so that their ``@register`` decorators run."""
+    section = cfg.dict.get("custom_imports")
+    if section is None:
+        return []
+    file = cfg.origin("custom_imports")
+    if not isinstance(section, dict):
+        raise ConfigError("expected a mapping {imports: [...], allow_failed_imports: false}", key="custom_imports", file=file)
+    unknown = set(section) - {"imports", "allow_failed_imports"}
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {sorted(unknown)}; expected 'imports' and 'allow_failed_imports'",
+            key="custom_imports",
+            file=file,
+        )
+    imports = section.get("imports", [])
+    if isinstance(imports, str):
+        imports = [imports]
+    allow_failed = section.get("allow_failed_imports", False)
+    if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
+        raise ConfigError(f"expected a module name or a list of them, got {imports!r}", key="custom_imports.imports", file=file)
+    if not isinstance(allow_failed, bool):
+        raise ConfigError(f"expected true/false, got {allow_failed!r}", key="custom_imports.allow_failed_imports", file=file)
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # modules next to where the user runs the command are importable
+        sys.path.append(cwd)
+    imported = []
+    for i, module in enumerate(imports):
+        key = f"custom_imports.imports.{i}"
+        try:
+            importlib.import_module(module)
+            imported.append(module)
+        except ImportError as exc:
+            if allow_failed:
+                logger.warning("custom_imports: could not import %s (%s); continuing (allow_failed_imports)", module, exc)
+                continue
+            raise ConfigError(
+                f"cannot import module '{module}': {exc}. It must be importable from the current directory or "
+                "PYTHONPATH",
+                key=key,
+                file=cfg.origin(key),
+            ) from exc
+    return imported
+
+
+# --------------------------------------------------------------------------- entry point
+def load_config(path: str | os.PathLike, cfg_options: list[str] | None = None) -> Config:
+    """Read ``path`` with its bases, apply ``--cfg-options`` and run ``custom_imports``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"config files are YAML (.yaml/.yml), got '{path.name}'", file=str(path))
+    data, origins = _load_file(path, ())
+    options = parse_cfg_options(cfg_options)
+    data = copy.deepcopy(data)
+    for key, value in options:
+        apply_option(data, key, value, origins)
+    cfg = Config(dict=data, filename=str(path.resolve()), origins=origins)
+    import_custom_modules(cfg)
+    return cfg
+
+
+def default_work_dir(config_path: str | os.PathLike) -> str:
+    return str(Path("work_dirs") / Path(config_path).stem)
+
+
+def resolve_work_dir(cfg: Config, cli_work_dir: str | None) -> str:
+    """``--work-dir`` beats the ``work_dir`` key, which beats ``work_dirs/<config name>``."""
+    if cli_work_dir:
+        return cli_work_dir
+    value = cfg.dict.get("work_dir")
+    if value is not None:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"expected a directory path, got {value!r}", key="work_dir", file=cfg.origin("work_dir"))
+        return value
+    return default_work_dir(cfg.filename)

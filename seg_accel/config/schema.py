@@ -1,0 +1,211 @@
+"""The training config schema: every top-level section, its keys, types and defaults.
+
+``validate_train_config`` checks the whole resolved config before anything heavy
+is built and returns typed sections. Components (``{type: ...}``) are checked
+against their registries through ``Spec`` annotations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from seg_accel.config.loader import Config
+from seg_accel.config.types import parse_section
+from seg_accel.errors import ConfigError
+from seg_accel.registry import DATASETS, LOSSES, LR_POLICIES, OPTIMIZERS, Spec
+
+
+def _positive(value: int, key: str, minimum: int = 1) -> None:
+    if value < minimum:
+        raise ConfigError(f"must be >= {minimum}, got {value}", key=key)
+
+
+@dataclass
+class HeadConfig:
+    """``model.decode_head``: how the head's logits are turned into losses."""
+
+    loss_decode: Annotated[Any, Spec(LOSSES, many="either")] = field(
+        default_factory=lambda: {"type": "CrossEntropyLoss", "loss_weight": 1.0}
+    )
+    align_corners: bool = False
+    ignore_index: int = 255
+
+    def loss_cfgs(self) -> list[dict]:
+        return list(self.loss_decode) if isinstance(self.loss_decode, (list, tuple)) else [self.loss_decode]
+
+    def validate(self, key: str) -> None:
+        if not self.loss_cfgs():
+            raise ConfigError("needs at least one loss", key=f"{key}.loss_decode")
+
+
+@dataclass
+class ModelConfig:
+    """``model``: a transformers ``*ForSemanticSegmentation`` class and how to initialise it."""
+
+    type: str
+    pretrained: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    decode_head: HeadConfig = field(default_factory=HeadConfig)
+
+    def validate(self, key: str) -> None:
+        from seg_accel.models.builder import check_model_config
+
+        check_model_config(self, key)
+
+
+@dataclass
+class LoaderConfig:
+    samples_per_gpu: int | None = None
+    workers_per_gpu: int | None = None
+
+    def validate(self, key: str) -> None:
+        if self.samples_per_gpu is not None:
+            _positive(self.samples_per_gpu, f"{key}.samples_per_gpu")
+        if self.workers_per_gpu is not None:
+            _positive(self.workers_per_gpu, f"{key}.workers_per_gpu", 0)
+
+
+@dataclass
+class DataConfig:
+    """``data``: datasets and per-process loader settings (MMSegmentation names)."""
+
+    train: Annotated[dict, Spec(DATASETS)]
+    samples_per_gpu: int = 2
+    workers_per_gpu: int = 2
+    val: Annotated[dict | None, Spec(DATASETS)] = None
+    val_dataloader: LoaderConfig = field(default_factory=lambda: LoaderConfig(samples_per_gpu=1))
+
+    def validate(self, key: str) -> None:
+        _positive(self.samples_per_gpu, f"{key}.samples_per_gpu")
+        _positive(self.workers_per_gpu, f"{key}.workers_per_gpu", 0)
+
+    def val_batch_size(self) -> int:
+        return self.val_dataloader.samples_per_gpu or 1
+
+    def val_workers(self) -> int:
+        w = self.val_dataloader.workers_per_gpu
+        return self.workers_per_gpu if w is None else w
+
+
+@dataclass
+class GradClipConfig:
+    max_norm: float
+    norm_type: float = 2.0
+
+    def validate(self, key: str) -> None:
+        if self.max_norm <= 0:
+            raise ConfigError(f"must be > 0, got {self.max_norm}", key=f"{key}.max_norm")
+
+
+@dataclass
+class OptimizerStepConfig:
+    """``optimizer_config``: what happens at each optimizer step."""
+
+    grad_clip: GradClipConfig | None = None
+
+
+@dataclass
+class RunnerConfig:
+    type: Literal["IterBasedRunner"] = "IterBasedRunner"
+    max_iters: int = 0
+
+    def validate(self, key: str) -> None:
+        _positive(self.max_iters, f"{key}.max_iters")
+
+
+@dataclass
+class LogConfig:
+    interval: int = 50
+
+    def validate(self, key: str) -> None:
+        _positive(self.interval, f"{key}.interval")
+
+
+@dataclass
+class CustomImportsConfig:
+    imports: list[str] | str = field(default_factory=list)
+    allow_failed_imports: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """All top-level keys a training config may have."""
+
+    model: ModelConfig
+    data: DataConfig
+    optimizer: Annotated[dict, Spec(OPTIMIZERS)]
+    runner: RunnerConfig
+    lr_config: Annotated[dict | None, Spec(LR_POLICIES)] = None
+    optimizer_config: OptimizerStepConfig = field(default_factory=OptimizerStepConfig)
+    log_config: LogConfig = field(default_factory=LogConfig)
+    custom_imports: CustomImportsConfig | None = None
+    work_dir: str | None = None
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    gradient_accumulation_steps: int = 1
+    find_unused_parameters: bool | None = None
+    classes: list[str] = field(default_factory=list, init=False)  # filled from data.train by validation
+
+    def validate(self, key: str | None) -> None:
+        _positive(self.gradient_accumulation_steps, "gradient_accumulation_steps")
+
+
+def dataset_classes(dataset_cfg: dict, key: str) -> list[str]:
+    """Class names a dataset config defines, without loading any data."""
+    cls = DATASETS.get(dataset_cfg["type"], f"{key}.type")
+    resolve = getattr(cls, "resolve_classes", None)
+    if resolve is None:
+        raise ConfigError(f"dataset {dataset_cfg['type']} does not say its class names (no resolve_classes)", key=key)
+    kwargs = {k: v for k, v in dataset_cfg.items() if k != "type"}
+    try:
+        return list(resolve(**kwargs))
+    except ConfigError as exc:
+        raise exc.located(key=key)
+
+
+def _dry_build(cfg: TrainConfig) -> None:
+    """Build the cheap components (transforms, losses, lr policy, an optimizer over a dummy
+    parameter) so that their value checks (ranges, lengths) fail now, not mid-run."""
+    import torch
+
+    from seg_accel.data.transforms import build_pipeline
+    from seg_accel.losses.head import HeadLosses
+
+    for split in ("train", "val"):
+        dataset_cfg = getattr(cfg.data, split)
+        if dataset_cfg is not None:
+            build_pipeline(dataset_cfg.get("pipeline"), f"data.{split}.pipeline")
+    head = cfg.model.decode_head
+    HeadLosses(head.loss_cfgs(), len(cfg.classes), "decode", head.ignore_index, head.align_corners)
+    if cfg.lr_config is not None:
+        LR_POLICIES.build(cfg.lr_config, "lr_config", max_iters=cfg.runner.max_iters)
+    OPTIMIZERS.build(cfg.optimizer, "optimizer", params=[torch.nn.Parameter(torch.zeros(1))])
+
+
+def validate_train_config(cfg: Config) -> TrainConfig:
+    """Check the whole resolved config; every error names the key and the file it came from."""
+    try:
+        train_cfg = parse_section(cfg.dict, TrainConfig, None)
+        classes = dataset_classes(train_cfg.data.train, "data.train")
+        if train_cfg.data.val is not None:
+            val_classes = dataset_classes(train_cfg.data.val, "data.val")
+            if val_classes != classes:
+                raise ConfigError(
+                    f"the val set's classes {val_classes} differ from the training set's {classes}", key="data.val"
+                )
+        from seg_accel.models.builder import check_num_labels
+
+        check_num_labels(train_cfg.model, classes, "model")
+        train_cfg.classes = classes
+        lr_cfg = train_cfg.lr_config
+        if lr_cfg is not None and lr_cfg.get("by_epoch", False):
+            raise ConfigError(
+                "by_epoch: true needs an epoch-based runner; with IterBasedRunner set by_epoch: false",
+                key="lr_config.by_epoch",
+            )
+        _dry_build(train_cfg)
+    except ConfigError as exc:
+        if exc.file is None:
+            exc.file = cfg.origin(exc.key)
+        raise
+    return train_cfg

@@ -1,0 +1,133 @@
+"""CustomDataset: a local image folder and a label folder with matching file names.
+
+The classic MMSegmentation layout (and CamVid's)::
+
+    data_root/img_dir/0001.png     data_root/ann_dir/0001.png
+
+Labels are single-channel images whose pixel values are class ids.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from seg_accel.data.base import SegDataset
+from seg_accel.errors import ConfigError, DataError
+from seg_accel.registry import DATASETS
+
+
+def _root(data_root: str | None, sub: str) -> Path:
+    path = Path(sub)
+    return path if data_root is None or path.is_absolute() else Path(data_root) / path
+
+
+@DATASETS.register()
+class CustomDataset(SegDataset):
+    """Images in ``img_dir`` and label maps in ``ann_dir`` (relative to ``data_root``),
+    paired by file name: ``<name><img_suffix>`` with ``<name><seg_map_suffix>``.
+
+    ``split``: optional text file listing the samples to use, one per line (a name,
+    a file name or a path; only the base name of the first word counts, so
+    SegNet-style list files work). ``classes``: the class names, or an
+    ``id2label.json`` in ``data_root``. ``label_map`` remaps label values
+    (``{11: 255}`` makes CamVid's void ignored); ``reduce_zero_label`` maps 0 to 255
+    and every other label to label - 1.
+    """
+
+    def __init__(
+        self,
+        img_dir: str,
+        ann_dir: str,
+        data_root: str | None = None,
+        img_suffix: str = ".jpg",
+        seg_map_suffix: str = ".png",
+        split: str | None = None,
+        classes: list[str] | None = None,
+        label_map: dict[int, int] | None = None,
+        reduce_zero_label: bool = False,
+        pipeline: list[dict] | None = None,
+    ):
+        super().__init__(pipeline, self.resolve_classes(data_root=data_root, classes=classes))
+        self.img_dir = _root(data_root, img_dir)
+        self.ann_dir = _root(data_root, ann_dir)
+        self.img_suffix = img_suffix
+        self.seg_map_suffix = seg_map_suffix
+        self.reduce_zero_label = reduce_zero_label
+        self.label_lut = self._lookup_table(label_map)
+        for name, path in (("img_dir", self.img_dir), ("ann_dir", self.ann_dir)):
+            if not path.is_dir():
+                raise ConfigError(f"directory not found: {path}", key=name)
+        if split is not None:
+            split_path = _root(data_root, split)
+            if not split_path.is_file():
+                raise ConfigError(f"split file not found: {split_path}", key="split")
+            names = []
+            for line in split_path.read_text().splitlines():
+                if line.strip():
+                    base = Path(line.split()[0]).name
+                    names.append(base[: -len(img_suffix)] if base.endswith(img_suffix) else base)
+        else:
+            names = sorted(p.name[: -len(img_suffix)] for p in self.img_dir.iterdir() if p.name.endswith(img_suffix))
+        if not names:
+            raise ConfigError(f"no '*{img_suffix}' images found in {self.img_dir}", key="img_dir")
+        self.names = names
+
+    @classmethod
+    def resolve_classes(cls, data_root: str | None = None, classes: list[str] | None = None, **_: object) -> list[str]:
+        if classes is not None:
+            if not classes or not all(isinstance(c, str) for c in classes):
+                raise ConfigError(f"expected a non-empty list of class names, got {classes!r}", key="classes")
+            return list(classes)
+        id2label = Path(data_root or ".") / "id2label.json"
+        if id2label.is_file():
+            try:
+                mapping = json.loads(id2label.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{id2label} is not valid JSON: {exc}", key="classes") from exc
+            return [mapping[k] for k in sorted(mapping, key=int)]
+        raise ConfigError(
+            f"class names unknown: set 'classes: [...]' or put an id2label.json in data_root ({data_root})",
+            key="classes",
+        )
+
+    def _lookup_table(self, label_map: dict[int, int] | None) -> np.ndarray | None:
+        if not label_map and not self.reduce_zero_label:
+            return None
+        lut = np.arange(256, dtype=np.int64)
+        for src, dst in (label_map or {}).items():
+            lut[int(src)] = int(dst)
+        if self.reduce_zero_label:
+            lut = np.where(lut == 0, 255, lut - 1)
+            lut[255] = 255
+        return lut
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def paths(self, index: int) -> tuple[Path, Path]:
+        name = self.names[index]
+        return self.img_dir / f"{name}{self.img_suffix}", self.ann_dir / f"{name}{self.seg_map_suffix}"
+
+    def describe(self, index: int) -> str:
+        return f"CustomDataset({self.img_dir})[{index}] {self.paths(index)[0].name}"
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        img_path, ann_path = self.paths(index)
+        try:
+            img = np.asarray(Image.open(img_path).convert("RGB"))
+            label = np.asarray(Image.open(ann_path))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{self.describe(index)}: cannot read {exc}") from exc
+        if label.ndim != 2:
+            raise DataError(f"{self.describe(index)}: label {ann_path} has {label.ndim} dims, expected one channel")
+        if label.shape != img.shape[:2]:
+            raise DataError(
+                f"{self.describe(index)}: label {ann_path} is {label.shape[::-1]} (w, h) but the image is "
+                f"{img.shape[1::-1]}"
+            )
+        if self.label_lut is not None:
+            label = self.label_lut[label]
+        return img, label

@@ -1,0 +1,134 @@
+"""Samplers and DataLoaders that shard across processes exactly once.
+
+Why our own samplers rather than ``accelerator.prepare(dataloader)``: an
+iteration-based run needs an endless, per-epoch reshuffled stream in which
+every process gets the same number of samples (no hang at epoch ends) and each
+sample's augmentation seed is fixed by its position in the stream, so results
+do not depend on the number of workers and a resumed run can replay it.
+Accelerate's ``DataLoaderShard`` would shard such a loader a second time.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+_SEED_MOD = 2**63 - 1
+
+
+def epoch_order(size: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The order of the dataset's indices in ``epoch`` (same on every process)."""
+    if not shuffle:
+        return torch.arange(size)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % _SEED_MOD)
+    return torch.randperm(size, generator=gen)
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """Augmentation seed of the sample at global stream ``position``."""
+    return int(np.random.SeedSequence([seed, position]).generate_state(1, dtype=np.uint64)[0] % _SEED_MOD)
+
+
+class InfiniteShardedSampler(Sampler):
+    """An endless stream of ``(index, aug_seed)``: epochs of the dataset, each in a
+    new random order, concatenated; process ``rank`` takes global positions
+    ``rank, rank + world, ...``. Every sample is seen once per epoch across all
+    processes, and every process always has a next sample.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True, start: int = 0):
+        if size < 1:
+            raise ValueError("cannot sample from an empty dataset")
+        self.size, self.rank, self.world_size = size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.start = start  # samples already consumed by this process (for resume)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.rank + self.start * self.world_size
+        epoch, order = -1, None
+        while True:
+            if position // self.size != epoch:
+                epoch = position // self.size
+                order = epoch_order(self.size, self.seed, epoch, self.shuffle)
+            yield int(order[position % self.size]), sample_seed(self.seed, position)
+            position += self.world_size
+
+
+class ShardSampler(Sampler):
+    """Indices ``rank, rank + world, ...`` of a finite dataset: no padding, no duplicates
+    (so evaluation never counts a sample twice)."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, size, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    shapes = {tuple(s["pixel_values"].shape) for s in samples}
+    label_shapes = {tuple(s["labels"].shape) for s in samples}
+    if len(shapes) > 1 or len(label_shapes) > 1:
+        raise ValueError(
+            f"samples in one batch have different sizes {sorted(shapes | label_shapes)}; give the pipeline a "
+            "fixed output size (RandomCrop + Pad) or use samples_per_gpu: 1"
+        )
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "labels": torch.stack([s["labels"] for s in samples]),
+        "indices": torch.tensor([s["index"] for s in samples]),
+    }
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Transforms get their own per-sample seed; this only tames torch/numpy global RNGs in workers.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+
+
+def build_train_loader(
+    dataset: Dataset,
+    samples_per_gpu: int,
+    workers_per_gpu: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """An endless loader of this process's shard of the training stream."""
+    sampler = InfiniteShardedSampler(len(dataset), rank, world_size, seed, shuffle=True, start=start)
+    gen = torch.Generator().manual_seed(seed + rank)
+    return DataLoader(
+        dataset,
+        batch_size=samples_per_gpu,
+        sampler=sampler,
+        num_workers=workers_per_gpu,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=workers_per_gpu > 0,
+        worker_init_fn=_seed_worker,
+        generator=gen,
+    )
+
+
+def build_val_loader(
+    dataset: Dataset, samples_per_gpu: int, workers_per_gpu: int, rank: int, world_size: int, pin_memory: bool = False
+) -> DataLoader:
+    """This process's shard of the val set, in order, each sample exactly once overall."""
+    return DataLoader(
+        dataset,
+        batch_size=samples_per_gpu,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=workers_per_gpu,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        worker_init_fn=_seed_worker,
+    )

@@ -1,0 +1,69 @@
+"""Console/file logging that plays well with tqdm, and a meter for interval averages."""
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+LOGGER_NAME = "seg_accel"
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes through ``tqdm.write`` so log lines do not break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # logging must never kill training; let logging report it
+            self.handleError(record)
+
+
+def setup_logging(work_dir: str | Path | None, is_main: bool, timestamp: str | None = None) -> logging.Logger:
+    """INFO on the main process (console + ``<work_dir>/<timestamp>.log``), WARNING elsewhere."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+    console = _TqdmHandler()
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger.addHandler(console)
+    if is_main and work_dir is not None:
+        timestamp = timestamp or datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+        file_handler = logging.FileHandler(Path(work_dir) / f"{timestamp}.log")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(file_handler)
+    return logger
+
+
+class IntervalMeter:
+    """Sums scalars over a log interval; ``averages`` returns the interval means.
+
+    Tensors stay on their device until ``averages`` (no device sync per iteration).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float | torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def update(self, values: dict[str, float | torch.Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def averages(self) -> dict[str, float]:
+        return {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+
+def format_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))

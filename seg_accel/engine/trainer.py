@@ -1,0 +1,260 @@
+"""The iteration-based trainer on Accelerate.
+
+Reads like Accelerate's own examples: build the ``Accelerator``, seed, build
+data/model/optimizer, one ``prepare`` call, then a short loop of
+``accumulate`` + ``backward``, clipping only when gradients are synced, and the
+lr schedule stepped once per optimizer step (never through ``prepare``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from seg_accel import __version__
+from seg_accel.config.loader import Config
+from seg_accel.config.schema import TrainConfig
+from seg_accel.data import build_dataset, build_train_loader, build_val_loader
+from seg_accel.engine.evaluation import collect_confusion
+from seg_accel.engine.log import IntervalMeter, format_eta, setup_logging
+from seg_accel.errors import ConfigError
+from seg_accel.losses.head import HeadLosses
+from seg_accel.metrics import format_summary, format_table, metrics_from_confusion
+from seg_accel.models.builder import build_model, needs_unused_parameter_search, segmentation_logits
+from seg_accel.optim import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger("seg_accel")
+
+EVAL_RESULTS = "eval_results.json"
+FINAL_DIR = "final"
+
+
+def _multi_process_without_accelerator() -> bool:
+    """Launched as several processes on a machine with no GPU: Accelerate would start
+    independent single-process runs unless told to use the CPU (gloo)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return not torch.cuda.is_available() and not (xpu is not None and xpu.is_available())
+
+
+class Trainer:
+    """Builds everything from a validated ``TrainConfig`` and runs ``runner.max_iters`` optimizer steps."""
+
+    def __init__(self, cfg: TrainConfig, raw_cfg: Config, work_dir: str | Path):
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        self.work_dir = Path(work_dir)
+        # find_unused_parameters is decided once the model is built, before prepare().
+        self.ddp_kwargs = DistributedDataParallelKwargs()
+        self.accelerator = acc = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            cpu=_multi_process_without_accelerator(),
+            kwargs_handlers=[self.ddp_kwargs],
+            step_scheduler_with_optimizer=False,
+        )
+        if acc.is_main_process:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            raw_cfg.save(self.work_dir / "config.yaml")
+        acc.wait_for_everyone()
+        setup_logging(self.work_dir, acc.is_main_process)
+        _quiet_libraries(acc.is_main_process)
+        set_seed(cfg.seed)
+
+        self.classes = list(cfg.classes)
+        head = cfg.model.decode_head
+        self.decode_losses = HeadLosses(
+            head.loss_cfgs(), len(self.classes), "decode", head.ignore_index, head.align_corners
+        ).to(acc.device)
+        if len(self.decode_losses.logged_only()) == len(self.decode_losses.losses):
+            raise ConfigError(
+                "no loss is named 'loss_*', so nothing would be trained; name at least one loss loss_<something>",
+                key="model.decode_head.loss_decode",
+                file=raw_cfg.origin("model.decode_head.loss_decode"),
+            )
+
+        train_set = build_dataset(cfg.data.train, "data.train")
+        self.val_set = None
+        if cfg.data.val is not None:
+            self.val_set = build_dataset(cfg.data.val, "data.val")
+            self.val_set.test_mode = True
+        pin = acc.device.type == "cuda"
+        self.train_loader = build_train_loader(
+            train_set, cfg.data.samples_per_gpu, cfg.data.workers_per_gpu,
+            acc.process_index, acc.num_processes, cfg.seed, pin_memory=pin,
+        )
+        self.val_loader = None
+        if self.val_set is not None:
+            self.val_loader = build_val_loader(
+                self.val_set, cfg.data.val_batch_size(), cfg.data.val_workers(),
+                acc.process_index, acc.num_processes, pin_memory=pin,
+            )
+
+        model = build_model(cfg.model, self.classes)
+        find_unused = cfg.find_unused_parameters
+        self.ddp_kwargs.find_unused_parameters = needs_unused_parameter_search(model) if find_unused is None else find_unused
+        optimizer = build_optimizer(model, cfg.optimizer)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.scheduler = build_lr_scheduler(cfg.lr_config, self.optimizer, cfg.runner.max_iters)
+        self.grad_clip = cfg.optimizer_config.grad_clip
+        self.iter = 0
+        self._describe(train_set, model)
+
+    # ------------------------------------------------------------------ logging
+    def _describe(self, train_set: Any, model: torch.nn.Module) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        per_step = cfg.data.samples_per_gpu * acc.num_processes * cfg.gradient_accumulation_steps
+        logger.info(
+            "seg-accel %s | %d process(es), %s on %s | mixed precision %s | work dir %s",
+            __version__, acc.num_processes, acc.distributed_type.value, acc.device, acc.mixed_precision, self.work_dir,
+        )
+        logger.info(
+            "model %s: %.2fM parameters (%.2fM trainable), %d classes: %s",
+            type(model).__name__, n_params / 1e6, n_train / 1e6, len(self.classes), ", ".join(self.classes),
+        )
+        logger.info(
+            "data: train %s (%d samples)%s | batch %d per process x %d processes x %d accumulation = %d per step",
+            type(train_set).__name__, len(train_set),
+            f", val {type(self.val_set).__name__} ({len(self.val_set)} samples)" if self.val_set is not None else "",
+            cfg.data.samples_per_gpu, acc.num_processes, cfg.gradient_accumulation_steps, per_step,
+        )
+        logged_only = self.decode_losses.logged_only()
+        if logged_only:
+            logger.info("logged, not trained on (name does not start with 'loss_'): %s", ", ".join(logged_only))
+        if self.ddp_kwargs.find_unused_parameters and acc.num_processes > 1:
+            logger.info("DDP find_unused_parameters: true")
+
+    def _log_interval(self, meter: IntervalMeter, lr: float, started: float, start_iter: int) -> None:
+        acc = self.accelerator
+        averages = meter.averages()
+        keys = sorted(averages)
+        values = torch.tensor([averages[k] for k in keys], dtype=torch.float64, device=acc.device)
+        values = acc.reduce(values, reduction="mean") if acc.num_processes > 1 else values
+        averages = dict(zip(keys, values.tolist()))
+        max_iters = self.cfg.runner.max_iters
+        per_iter = (time.perf_counter() - started) / max(self.iter - start_iter, 1)
+        parts = [f"lr: {lr:.3e}", f"eta: {format_eta(per_iter * (max_iters - self.iter))}"]
+        for key in ("time", "data_time"):
+            parts.append(f"{key}: {averages.pop(key):.3f}")
+        if torch.cuda.is_available() and acc.device.type == "cuda":
+            parts.append(f"memory: {torch.cuda.max_memory_allocated(acc.device) // 2**20}")
+        parts += [f"{k}: {v:.4f}" for k, v in averages.items()]
+        logger.info("Iter [%d/%d]\t%s", self.iter, max_iters, ", ".join(parts))
+
+    # ------------------------------------------------------------------ training
+    def _batch(self, data_iter: Any) -> tuple[dict[str, torch.Tensor], float]:
+        start = time.perf_counter()
+        batch = next(data_iter)
+        waited = time.perf_counter() - start
+        device = self.accelerator.device
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, waited
+
+    def train_step(self, data_iter: Any) -> dict[str, Any]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+        acc = self.accelerator
+        accum = self.cfg.gradient_accumulation_steps
+        logs: dict[str, Any] = {"data_time": 0.0}
+        lr = self.optimizer.param_groups[0]["lr"]
+        for _ in range(accum):
+            batch, waited = self._batch(data_iter)
+            logs["data_time"] += waited
+            with acc.accumulate(self.model):
+                logits = segmentation_logits(self.model, batch["pixel_values"])
+                loss, head_logs = self.decode_losses(logits, batch["labels"])
+                acc.backward(loss)
+                if acc.sync_gradients and self.grad_clip is not None:
+                    logs["grad_norm"] = acc.clip_grad_norm_(
+                        self.model.parameters(), self.grad_clip.max_norm, self.grad_clip.norm_type
+                    )
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for key, value in {"loss": loss.detach(), **head_logs}.items():
+                logs[key] = logs.get(key, 0.0) + value / accum
+        if not self.optimizer.step_was_skipped:  # fp16 overflow: the schedule waits too
+            self.scheduler.step()
+        logs["lr"] = lr
+        return logs
+
+    def train(self) -> dict[str, Any] | None:
+        """Train to ``runner.max_iters``, evaluate on the val set, export ``final/``."""
+        acc = self.accelerator
+        max_iters = self.cfg.runner.max_iters
+        interval = self.cfg.log_config.interval
+        data_iter = iter(self.train_loader)
+        meter = IntervalMeter()
+        start_iter, started = self.iter, time.perf_counter()
+        last = started
+        self.model.train()
+        with tqdm(total=max_iters, initial=self.iter, desc="train", disable=not acc.is_main_process,
+                  dynamic_ncols=True, mininterval=1.0) as bar:
+            while self.iter < max_iters:
+                logs = self.train_step(data_iter)
+                self.iter += 1
+                now = time.perf_counter()
+                logs["time"], last = now - last, now
+                lr = logs.pop("lr")
+                meter.update(logs)
+                bar.update(1)
+                if self.iter % interval == 0 or self.iter == max_iters:
+                    self._log_interval(meter, lr, started, start_iter)
+                    meter.reset()
+        results = self.evaluate() if self.val_loader is not None else None
+        self.export(self.work_dir / FINAL_DIR)
+        return results
+
+    # ------------------------------------------------------------------ evaluation and export
+    def evaluate(self) -> dict[str, Any]:
+        """mIoU etc. on the whole val set, identical for any number of processes."""
+        acc = self.accelerator
+        head = self.cfg.model.decode_head
+        cm = collect_confusion(
+            acc.unwrap_model(self.model), self.val_loader, len(self.classes), head.ignore_index,
+            head.align_corners, acc.device, autocast=acc.autocast, show_progress=acc.is_main_process,
+        )
+        if acc.num_processes > 1:
+            cm = acc.reduce(cm, reduction="sum")
+        results = metrics_from_confusion(cm, ("mIoU",))
+        logger.info("per-class results at iter %d:\n%s", self.iter, format_table(self.classes, results["per_class"]))
+        logger.info("Iter(val) [%d]\t%s", self.iter, format_summary(results))
+        if acc.is_main_process:
+            payload = {
+                "iter": self.iter,
+                "metrics": {k: v for k, v in results.items() if k != "per_class"},
+                "per_class": {c: dict(zip(self.classes, v)) for c, v in results["per_class"].items()},
+                "confusion_matrix": cm.cpu().tolist(),
+                "classes": self.classes,
+                "num_processes": acc.num_processes,
+            }
+            (self.work_dir / EVAL_RESULTS).write_text(json.dumps(payload, indent=2))
+        return results
+
+    def export(self, out_dir: Path) -> None:
+        """``save_pretrained`` (safetensors, id2label in config.json) on the main process."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+            model.save_pretrained(out_dir)
+            logger.info("exported the final model to %s", out_dir)
+        acc.wait_for_everyone()
+
+
+def _quiet_libraries(is_main: bool) -> None:
+    """Library warnings once, from the main process only."""
+    import transformers
+
+    if is_main:
+        transformers.logging.set_verbosity_warning()
+    else:
+        transformers.logging.set_verbosity_error()

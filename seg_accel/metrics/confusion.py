@@ -1,0 +1,101 @@
+"""Dataset-level segmentation metrics from a confusion matrix (SPEC section 8).
+
+Each process accumulates a ``C x C`` matrix of ``bincount(C * label + pred)`` on
+its device; the matrices are summed across processes once, and every metric is
+derived from the sum. No process ever holds all predictions.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+METRIC_COLUMNS = {"mIoU": ("IoU", "Acc"), "mDice": ("Dice", "Acc"), "mFscore": ("Fscore", "Precision", "Recall")}
+
+
+def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """``cm[l, p]`` = number of pixels with label ``l`` predicted as ``p`` (ignored pixels left out)."""
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape")
+    valid = label != ignore_index
+    lab = label[valid].long()
+    if lab.numel() and (lab.min() < 0 or lab.max() >= num_classes):
+        bad = torch.unique(lab[(lab < 0) | (lab >= num_classes)]).tolist()
+        raise ValueError(
+            f"label values {bad[:10]} are neither a class id (0..{num_classes - 1}) nor ignore_index ({ignore_index})"
+        )
+    idx = lab * num_classes + pred[valid].long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den with NaN where den == 0 (a class absent from both label and prediction)."""
+    num, den = num.double(), den.double()
+    return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(num, math.nan))
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    keep = ~torch.isnan(values)
+    return float(values[keep].mean()) if keep.any() else math.nan
+
+
+def metrics_from_confusion(
+    cm: torch.Tensor, metrics: Sequence[str] = ("mIoU",), beta: float = 1.0
+) -> dict[str, object]:
+    """aAcc and the requested mean metrics (in %), plus per-class columns.
+
+    Returns ``{'aAcc': .., 'mIoU': .., 'mAcc': .., 'per_class': {'IoU': [...], 'Acc': [...]}}``.
+    """
+    unknown = [m for m in metrics if m not in METRIC_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRIC_COLUMNS)}")
+    cm = cm.double().cpu()
+    inter = cm.diag()
+    area_pred = cm.sum(0)
+    area_label = cm.sum(1)
+    union = area_pred + area_label - inter
+    columns = {
+        "IoU": _ratio(inter, union),
+        "Acc": _ratio(inter, area_label),
+        "Dice": _ratio(2 * inter, area_pred + area_label),
+        "Precision": _ratio(inter, area_pred),
+        "Recall": _ratio(inter, area_label),
+    }
+    p, r = columns["Precision"], columns["Recall"]
+    columns["Fscore"] = (1 + beta**2) * p * r / (beta**2 * p + r)
+
+    total = area_label.sum()
+    result: dict[str, object] = {"aAcc": float(inter.sum() / total * 100) if total > 0 else math.nan}
+    per_class: dict[str, list[float]] = {}
+    for metric in metrics:
+        for column in METRIC_COLUMNS[metric]:
+            if column not in per_class:
+                values = columns[column] * 100
+                per_class[column] = values.tolist()
+                result[f"m{column}"] = _nanmean(values)
+    result["per_class"] = per_class
+    return result
+
+
+def format_table(class_names: Sequence[str], per_class: dict[str, list[float]]) -> str:
+    """An aligned plain-text table: one row per class, one column per metric (2 decimals)."""
+    headers = ["Class", *per_class]
+    rows = [
+        [name, *("nan" if math.isnan(per_class[c][i]) else f"{per_class[c][i]:.2f}" for c in per_class)]
+        for i, name in enumerate(class_names)
+    ]
+    widths = [max(len(str(r[j])) for r in [headers, *rows]) for j in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(
+            str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(cells, widths))
+        ) + " |"
+
+    sep = "+-" + "-+-".join("-" * w for w in widths) + "-+"
+    return "\n".join([sep, line(headers), sep, *(line(r) for r in rows), sep])
+
+
+def format_summary(result: dict[str, object]) -> str:
+    """'aAcc: 95.12  mIoU: 80.33  mAcc: 88.01'"""
+    return "  ".join(f"{k}: {v:.2f}" for k, v in result.items() if k != "per_class" and isinstance(v, float))

@@ -1,0 +1,187 @@
+"""Build transformers ``*ForSemanticSegmentation`` models from the ``model`` section.
+
+``model.type`` is a transformers class name (``SegformerForSemanticSegmentation``,
+``AutoModelForSemanticSegmentation``, ...), a model registered in ``MODELS`` or a
+dotted import path. ``model.pretrained`` is a Hub id or a ``save_pretrained``
+folder; without it ``model.config`` gives the config kwargs for a random init.
+Transformers accepts unknown config kwargs silently, so we check them here.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import typing
+from typing import TYPE_CHECKING, Any
+
+from seg_accel.config.types import join_key, parse_value
+from seg_accel.errors import ConfigError, did_you_mean
+from seg_accel.registry import MODELS
+
+if TYPE_CHECKING:
+    from seg_accel.config.schema import ModelConfig
+
+logger = logging.getLogger("seg_accel")
+
+# Config keys every transformers config takes besides its own signature.
+_COMMON_CONFIG_KEYS = {"num_labels", "id2label", "label2id", "model_type", "output_attentions"}
+# Model types whose segmentation forward leaves parameters without gradients even
+# with the auxiliary head off (DPT: the backbone's final layernorm and the first
+# fusion layer's residual unit), so DDP must look for unused parameters.
+_UNUSED_PARAMETER_MODEL_TYPES = {"dpt"}
+
+
+def _auto_class():
+    import transformers
+
+    return transformers.AutoModelForSemanticSegmentation
+
+
+def resolve_model_class(name: str, key: str = "model.type") -> Any:
+    return MODELS.get(name, key)
+
+
+def _config_class(model_cls: Any, config_kwargs: dict, key: str) -> Any | None:
+    """The config class for ``model.config`` kwargs, or None when only known after loading."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config_kwargs.get("model_type")
+    if model_cls is _auto_class():
+        if model_type is None:
+            return None
+        if model_type not in CONFIG_MAPPING:
+            raise ConfigError(
+                f"unknown transformers model_type '{model_type}'." + did_you_mean(model_type, CONFIG_MAPPING.keys(), False),
+                key=f"{key}.config.model_type",
+            )
+        return CONFIG_MAPPING[model_type]
+    return getattr(model_cls, "config_class", None)
+
+
+def _allowed_config_keys(config_cls: Any) -> tuple[set[str], dict[str, Any]]:
+    params = inspect.signature(config_cls.__init__).parameters
+    allowed = {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    allowed |= set(config_cls().to_dict()) | _COMMON_CONFIG_KEYS
+    try:
+        hints = typing.get_type_hints(config_cls.__init__)
+    except Exception:  # annotations that do not resolve: names are still checked
+        hints = {}
+    return allowed, hints
+
+
+def check_config_kwargs(config_cls: Any, kwargs: dict, key: str) -> None:
+    """Unknown keys and wrong value types in ``model.config`` are errors (with suggestions)."""
+    from transformers import CONFIG_MAPPING
+
+    allowed, hints = _allowed_config_keys(config_cls)
+    for name, value in kwargs.items():
+        item_key = join_key(key, name)
+        if name not in allowed:
+            raise ConfigError(
+                f"{config_cls.__name__} has no option '{name}'." + did_you_mean(str(name), sorted(allowed), False),
+                key=item_key,
+            )
+        if name == "backbone_config" and isinstance(value, dict):
+            backbone_type = value.get("model_type")
+            if backbone_type not in CONFIG_MAPPING:
+                raise ConfigError(
+                    f"needs 'model_type' naming a transformers backbone config (e.g. convnext), got {backbone_type!r}",
+                    key=item_key,
+                )
+            sub = {k: v for k, v in value.items() if k != "model_type"}
+            check_config_kwargs(CONFIG_MAPPING[backbone_type], sub, item_key)
+            continue
+        if name in hints and name not in ("id2label", "label2id"):
+            parse_value(value, hints[name], item_key)
+
+
+def check_model_config(model_cfg: ModelConfig, key: str = "model") -> None:
+    """Validation-time checks of the model section (no weights are touched)."""
+    model_cls = resolve_model_class(model_cfg.type, f"{key}.type")
+    if model_cfg.pretrained is None:
+        config_cls = _config_class(model_cls, model_cfg.config, key)
+        if config_cls is None:
+            raise ConfigError(
+                "AutoModelForSemanticSegmentation without 'pretrained' needs model.config.model_type "
+                "(e.g. segformer) to know which architecture to build",
+                key=f"{key}.config",
+            )
+        kwargs = {k: v for k, v in model_cfg.config.items() if k != "model_type"}
+        check_config_kwargs(config_cls, kwargs, f"{key}.config")
+    else:
+        config_cls = _config_class(model_cls, model_cfg.config, key)
+        if config_cls is not None:
+            kwargs = {k: v for k, v in model_cfg.config.items() if k != "model_type"}
+            check_config_kwargs(config_cls, kwargs, f"{key}.config")
+
+
+def check_num_labels(model_cfg: ModelConfig, classes: list[str], key: str = "model") -> None:
+    """``num_labels``/``id2label`` in the model config must agree with the data's class names."""
+    n = len(classes)
+    num_labels = model_cfg.config.get("num_labels")
+    if num_labels is not None and num_labels != n:
+        raise ConfigError(
+            f"num_labels is {num_labels} but the data defines {n} classes ({', '.join(classes)}); "
+            "remove num_labels (it is taken from the data) or fix the class names",
+            key=f"{key}.config.num_labels",
+        )
+    id2label = model_cfg.config.get("id2label")
+    if id2label is not None:
+        given = [id2label[k] for k in sorted(id2label, key=int)] if isinstance(id2label, dict) else None
+        if given != list(classes):
+            raise ConfigError(
+                f"id2label {id2label} disagrees with the data's classes {classes}; remove it (it is taken from the data)",
+                key=f"{key}.config.id2label",
+            )
+
+
+def _label_maps(classes: list[str]) -> tuple[dict[int, str], dict[str, int]]:
+    id2label = {i: name for i, name in enumerate(classes)}
+    return id2label, {name: i for i, name in id2label.items()}
+
+
+def build_model(model_cfg: ModelConfig, classes: list[str], key: str = "model") -> Any:
+    """Instantiate the model with ``num_labels``/``id2label`` from the data's class names."""
+    model_cls = resolve_model_class(model_cfg.type, f"{key}.type")
+    id2label, label2id = _label_maps(classes)
+    kwargs = dict(model_cfg.config)
+    kwargs.update(num_labels=len(classes), id2label=id2label, label2id=label2id)
+    model_type = kwargs.pop("model_type", None)
+
+    config_cls = _config_class(model_cls, {"model_type": model_type}, key)
+    if config_cls is not None and "use_auxiliary_head" in _allowed_config_keys(config_cls)[0]:
+        # Our losses take the decode head's logits only; an auxiliary head nobody
+        # trains would leave parameters without gradients under DDP.
+        kwargs.setdefault("use_auxiliary_head", False)
+
+    if model_cfg.pretrained is not None:
+        source = model_cfg.pretrained
+        try:
+            model = model_cls.from_pretrained(source, ignore_mismatched_sizes=True, **kwargs)
+        except OSError as exc:
+            where = "local folder" if os.path.isdir(source) else "Hub id (or a local path that does not exist)"
+            raise ConfigError(f"cannot load pretrained model '{source}' ({where}): {exc}", key=f"{key}.pretrained") from exc
+    else:
+        try:
+            config = config_cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid model config: {exc}", key=f"{key}.config") from exc
+        model = _auto_class().from_config(config) if model_cls is _auto_class() else model_cls(config)
+    return model
+
+
+def needs_unused_parameter_search(model: Any) -> bool:
+    """Whether DDP must run with ``find_unused_parameters=True`` for this model."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    if getattr(config, "model_type", None) in _UNUSED_PARAMETER_MODEL_TYPES:
+        return True
+    # An auxiliary head switched on in model.config gets no loss until auxiliary_head is configured.
+    return bool(getattr(config, "use_auxiliary_head", False))
+
+
+def segmentation_logits(model: Any, pixel_values: Any) -> Any:
+    """Logits ``(N, C, h, w)`` of a transformers segmentation model called without labels."""
+    out = model(pixel_values=pixel_values)
+    return out.logits if hasattr(out, "logits") else out
