@@ -53,7 +53,7 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
 # --------------------------------------------------------------------------- train
 def _train(args: argparse.Namespace) -> int:
     from seg_accel.config import load_config, resolve_work_dir
-    from seg_accel.config.schema import validate_train_config
+    from seg_accel.config.schema import errors_located_in, validate_train_config
 
     cfg = load_config(args.config, args.cfg_options)
     work_dir = resolve_work_dir(cfg, args.work_dir)
@@ -62,7 +62,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from seg_accel.engine import Trainer
 
-    Trainer(train_cfg, cfg, work_dir).train()
+    with errors_located_in(cfg):
+        Trainer(train_cfg, cfg, work_dir).train()
     return 0
 
 

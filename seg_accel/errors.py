@@ -27,6 +27,13 @@ class ConfigError(Exception):
             self.file = file
         return self
 
+    def within(self, prefix: str | None, names: Iterable[str]) -> ConfigError:
+        """Make a key relative to a component (a constructor argument such as ``crop_size``)
+        a full config path under ``prefix``; otherwise fill in ``prefix`` if no key is known."""
+        if self.key and prefix and self.key.split(".")[0] in set(names):
+            self.key = f"{prefix}.{self.key}"
+        return self.located(key=prefix)
+
     def __str__(self) -> str:
         where = []
         if self.file:

@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from seg_accel.config.types import join_key, parse_value
+from seg_accel.config.types import join_key, parse_value, type_hints
 from seg_accel.errors import ConfigError, did_you_mean
 
 
@@ -122,11 +121,7 @@ class Registry:
                 var_kw = True
             elif p.kind is not p.VAR_POSITIONAL:
                 params[p.name] = p
-        try:
-            hints = typing.get_type_hints(target, include_extras=True)
-        except Exception:  # unresolvable annotations in third-party code: check names only
-            hints = {}
-        return params, var_kw, hints
+        return params, var_kw, type_hints(target)
 
     def check(self, cfg: Any, key: str | None = None) -> Any:
         """Validate ``{type: ..., **kwargs}`` against the constructor; return the class."""
@@ -178,9 +173,7 @@ class Registry:
         try:
             return obj(**kwargs, **runtime)
         except ConfigError as exc:
-            if exc.key and exc.key.split(".")[0] in kwargs:  # a constructor names its own argument: full path
-                exc.key = join_key(key, exc.key)
-            raise exc.located(key=key)
+            raise exc.within(key, [*kwargs, *self.signature_info(obj)[0]])
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"cannot build {self.kind} {cfg[self.key]}: {exc}", key=key) from exc
 

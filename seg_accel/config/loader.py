@@ -126,13 +126,14 @@ def _merge(base: dict, child: dict, prefix: str, file: str, origins: dict[str, s
     """Merge ``child`` (raw, from ``file``) into ``base`` in place.
 
     Dicts merge recursively unless the child dict has ``_delete_: true``;
-    everything else, lists included, replaces the base value whole.
+    everything else, lists included, replaces the base value whole (so does a
+    dict over a null base value).
     """
     for k, v in child.items():
         if k == DELETE_KEY:
             continue
         key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and k in base and not v.get(DELETE_KEY, False):
+        if isinstance(v, dict) and base.get(k) is not None and not v.get(DELETE_KEY, False):
             if not isinstance(base[k], dict):
                 raise ConfigError(
                     f"'{k}' is a mapping here but {base[k]!r} ({type(base[k]).__name__}) in the base config "

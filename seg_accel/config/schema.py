@@ -6,6 +6,9 @@ against their registries through ``Spec`` annotations.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -160,7 +163,7 @@ def dataset_classes(dataset_cfg: dict, key: str) -> list[str]:
     try:
         return list(resolve(**kwargs))
     except ConfigError as exc:
-        raise exc.located(key=key)
+        raise exc.within(key, [*kwargs, *inspect.signature(resolve).parameters])
 
 
 def _dry_build(cfg: TrainConfig) -> None:
@@ -182,9 +185,20 @@ def _dry_build(cfg: TrainConfig) -> None:
     OPTIMIZERS.build(cfg.optimizer, "optimizer", params=[torch.nn.Parameter(torch.zeros(1))])
 
 
+@contextlib.contextmanager
+def errors_located_in(cfg: Config) -> Iterator[None]:
+    """Give every ConfigError raised inside the file its key came from."""
+    try:
+        yield
+    except ConfigError as exc:
+        if exc.file is None:
+            exc.file = cfg.origin(exc.key)
+        raise
+
+
 def validate_train_config(cfg: Config) -> TrainConfig:
     """Check the whole resolved config; every error names the key and the file it came from."""
-    try:
+    with errors_located_in(cfg):
         train_cfg = parse_section(cfg.dict, TrainConfig, None)
         classes = dataset_classes(train_cfg.data.train, "data.train")
         if train_cfg.data.val is not None:
@@ -204,8 +218,4 @@ def validate_train_config(cfg: Config) -> TrainConfig:
                 key="lr_config.by_epoch",
             )
         _dry_build(train_cfg)
-    except ConfigError as exc:
-        if exc.file is None:
-            exc.file = cfg.origin(exc.key)
-        raise
     return train_cfg

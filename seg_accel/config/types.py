@@ -34,10 +34,11 @@ def describe(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(dict.fromkeys(describe(a) for a in get_args(tp)))
+        members = [a for a in get_args(tp) if not _yaml_cannot_make(a)] or list(get_args(tp))
+        return " or ".join(dict.fromkeys(describe(a) for a in members))
     if origin in (list, tuple, cabc.Sequence, cabc.Iterable):
         args = [a for a in get_args(tp) if a is not Ellipsis]
-        return "a list" + (f" of {describe(args[0])}" if len(set(args)) == 1 else "")
+        return "a list" + (f" of {_plural(args[0])}" if len(set(args)) == 1 else "")
     if origin in (dict, cabc.Mapping) or tp in (dict, cabc.Mapping):
         return "a mapping"
     if dataclasses.is_dataclass(tp):
@@ -45,6 +46,37 @@ def describe(tp: Any) -> str:
     if isinstance(tp, type):
         return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, tp.__name__)
     return str(tp)
+
+
+def _plural(tp: Any) -> str:
+    names = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+    return names.get(tp, describe(tp))
+
+
+def _yaml_cannot_make(tp: Any) -> bool:
+    """Classes like torch.Tensor that a YAML value can never be (left out of messages)."""
+    return isinstance(tp, type) and tp.__module__.split(".")[0] in {"torch", "numpy"}
+
+
+def type_hints(obj: Any) -> dict[str, Any]:
+    """Annotations of ``obj`` resolved one by one: a name that does not resolve in
+    third-party code costs only the check of that one parameter."""
+    try:
+        return typing.get_type_hints(obj, include_extras=True)
+    except Exception:  # fall back to resolving each annotation separately
+        pass
+    raw = getattr(obj, "__annotations__", {}) or {}
+    namespace = dict(getattr(obj, "__globals__", {}) or {})
+    namespace.update(vars(typing))
+    hints = {}
+    for name, annotation in raw.items():
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, namespace)  # noqa: S307 - annotations of installed code
+            except Exception:
+                continue
+        hints[name] = annotation
+    return hints
 
 
 def _fail(value: Any, tp: Any, key: str | None) -> ConfigError:
@@ -153,8 +185,7 @@ def parse_value(value: Any, tp: Any, key: str | None) -> Any:
     if isinstance(tp, type):
         if isinstance(value, tp):
             return value
-        # A class YAML cannot produce (torch.Tensor, np.ndarray, ...): a scalar is never it.
-        if tp.__module__.split(".")[0] in {"torch", "numpy"}:
+        if _yaml_cannot_make(tp):  # torch.Tensor, np.ndarray, ...: a YAML value is never one
             raise _fail(value, tp, key)
         return value
     return value  # annotations we do not understand are not held against the user

@@ -11,10 +11,9 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import typing
 from typing import TYPE_CHECKING, Any
 
-from seg_accel.config.types import join_key, parse_value
+from seg_accel.config.types import join_key, parse_value, type_hints
 from seg_accel.errors import ConfigError, did_you_mean
 from seg_accel.registry import MODELS
 
@@ -62,11 +61,7 @@ def _allowed_config_keys(config_cls: Any) -> tuple[set[str], dict[str, Any]]:
     params = inspect.signature(config_cls.__init__).parameters
     allowed = {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     allowed |= set(config_cls().to_dict()) | _COMMON_CONFIG_KEYS
-    try:
-        hints = typing.get_type_hints(config_cls.__init__)
-    except Exception:  # annotations that do not resolve: names are still checked
-        hints = {}
-    return allowed, hints
+    return allowed, type_hints(config_cls.__init__)
 
 
 def check_config_kwargs(config_cls: Any, kwargs: dict, key: str) -> None:
@@ -108,11 +103,43 @@ def check_model_config(model_cfg: ModelConfig, key: str = "model") -> None:
             )
         kwargs = {k: v for k, v in model_cfg.config.items() if k != "model_type"}
         check_config_kwargs(config_cls, kwargs, f"{key}.config")
+        config = make_config(config_cls, kwargs, key)  # transformers' own checks
+        _dry_build(model_cls, config, key)
     else:
         config_cls = _config_class(model_cls, model_cfg.config, key)
         if config_cls is not None:
             kwargs = {k: v for k, v in model_cfg.config.items() if k != "model_type"}
             check_config_kwargs(config_cls, kwargs, f"{key}.config")
+
+
+def make_config(config_cls: Any, kwargs: dict, key: str) -> Any:
+    """``config_cls(**kwargs)`` with transformers' validation errors turned into config errors."""
+    try:
+        return config_cls(**kwargs)
+    except Exception as exc:  # transformers raises several types (TypeError, ValueError, strict-dataclass errors)
+        reason = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in reason) if reason else type(exc).__name__
+        raise ConfigError(f"invalid {config_cls.__name__}: {detail}", key=f"{key}.config") from exc
+
+
+def _instantiate(model_cls: Any, config: Any) -> Any:
+    return _auto_class().from_config(config) if model_cls is _auto_class() else model_cls(config)
+
+
+def _dry_build(model_cls: Any, config: Any, key: str) -> None:
+    """Build the architecture with weights on the meta device (no memory, milliseconds), so an
+    inconsistent config (e.g. 2 depths for 4 stages) fails now, not after the processes start."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights():
+            _instantiate(model_cls, config)
+    except Exception as exc:  # any failure here is a config mistake; say which model and why
+        raise ConfigError(
+            f"{getattr(model_cls, '__name__', model_cls)} cannot be built from this config: "
+            f"{type(exc).__name__}: {exc}",
+            key=f"{key}.config",
+        ) from exc
 
 
 def check_num_labels(model_cfg: ModelConfig, classes: list[str], key: str = "model") -> None:
@@ -162,11 +189,8 @@ def build_model(model_cfg: ModelConfig, classes: list[str], key: str = "model") 
             where = "local folder" if os.path.isdir(source) else "Hub id (or a local path that does not exist)"
             raise ConfigError(f"cannot load pretrained model '{source}' ({where}): {exc}", key=f"{key}.pretrained") from exc
     else:
-        try:
-            config = config_cls(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"invalid model config: {exc}", key=f"{key}.config") from exc
-        model = _auto_class().from_config(config) if model_cls is _auto_class() else model_cls(config)
+        config = make_config(config_cls, kwargs, key)
+        model = _instantiate(model_cls, config)
     return model
 
 
