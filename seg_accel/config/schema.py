@@ -182,7 +182,7 @@ def _dry_build(cfg: TrainConfig) -> None:
     HeadLosses(head.loss_cfgs(), len(cfg.classes), "decode", head.ignore_index, head.align_corners)
     if cfg.lr_config is not None:
         LR_POLICIES.build(cfg.lr_config, "lr_config", max_iters=cfg.runner.max_iters)
-    OPTIMIZERS.build(cfg.optimizer, "optimizer", params=[torch.nn.Parameter(torch.zeros(1))])
+    OPTIMIZERS.build(cfg.optimizer, "optimizer", params=[torch.nn.Parameter(torch.zeros(2, 2))])
 
 
 @contextlib.contextmanager

@@ -1,0 +1,224 @@
+"""Datasets, transforms and samplers."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seg_accel.data import InfiniteShardedSampler, ShardSampler, build_dataset, collate
+from seg_accel.data.synthetic import CLASSES, SyntheticShapes
+from seg_accel.data.transforms import Normalize, Pad, RandomCrop, RandomFlip, Resize, rescale_size
+from seg_accel.errors import ConfigError, DataError
+
+RNG = np.random.default_rng
+
+
+# ----------------------------------------------------------------------------- SyntheticShapes
+def test_synthetic_is_deterministic_per_seed_and_index():
+    a, b = SyntheticShapes(num_samples=10, seed=3), SyntheticShapes(num_samples=10, seed=3)
+    for i in range(10):
+        (ia, la), (ib, lb) = a.load(i), b.load(i)
+        assert np.array_equal(ia, ib) and np.array_equal(la, lb)
+    other = SyntheticShapes(num_samples=10, seed=4)
+    assert not np.array_equal(a.load(0)[0], other.load(0)[0])
+    assert not np.array_equal(a.load(0)[0], a.load(1)[0])
+
+
+def test_synthetic_labels_and_classes():
+    ds = SyntheticShapes(num_samples=40, img_size=[48, 40])
+    counts = np.zeros(len(CLASSES), dtype=np.int64)
+    for i in range(len(ds)):
+        img, label = ds.load(i)
+        assert img.shape == (48, 40, 3) and img.dtype == np.uint8 and label.shape == (48, 40)
+        counts += np.bincount(label.ravel(), minlength=len(CLASSES))
+    assert counts.min() > 0 and len(counts) == len(CLASSES)  # every class occurs, no other value
+    assert ds.classes == ["background", "circle", "square", "triangle"]
+
+
+def test_sample_augmentation_depends_on_the_sample_seed_only():
+    ds = SyntheticShapes(num_samples=4, pipeline=[{"type": "RandomFlip", "prob": 0.5}])
+    first = ds[(2, 123)]
+    assert torch.equal(first["pixel_values"], ds[(2, 123)]["pixel_values"])
+    flipped = {bool(torch.equal(ds[(2, s)]["pixel_values"], ds[(2, 0)]["pixel_values"])) for s in range(16)}
+    assert flipped == {True, False}
+
+
+def test_test_mode_returns_original_labels():
+    ds = SyntheticShapes(num_samples=2, img_size=32, pipeline=[{"type": "Resize", "scale": [64, 64], "keep_ratio": False}])
+    assert ds[0]["labels"].shape == (64, 64)
+    ds.test_mode = True
+    item = ds[0]
+    assert item["pixel_values"].shape == (3, 64, 64) and item["labels"].shape == (32, 32)
+
+
+# ----------------------------------------------------------------------------- CustomDataset
+def _write_pair(root, name, size=(12, 10), label_size=None, value=1):
+    (root / "img").mkdir(exist_ok=True)
+    (root / "ann").mkdir(exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), 100, np.uint8)).save(root / "img" / f"{name}.png")
+    lw, lh = label_size or size
+    label = np.full((lh, lw), value, np.uint8)
+    label[0, 0] = 0
+    Image.fromarray(label).save(root / "ann" / f"{name}.png")
+
+
+def test_custom_dataset_pairs_split_and_label_map(tmp_path):
+    for name in ("a", "b", "c"):
+        _write_pair(tmp_path, name, value=11)
+    (tmp_path / "train.txt").write_text("/SegNet/CamVid/img/c.png /SegNet/CamVid/ann/c.png\nb\n")
+    ds = build_dataset({"type": "CustomDataset", "data_root": str(tmp_path), "img_dir": "img", "ann_dir": "ann",
+                        "img_suffix": ".png", "split": "train.txt", "classes": ["x", "y"],
+                        "label_map": {11: 255}}, "data.train")
+    assert ds.names == ["c", "b"] and len(ds) == 2
+    img, label = ds.load(0)
+    assert img.shape == (10, 12, 3) and set(np.unique(label)) == {0, 255}
+    ds_all = build_dataset({"type": "CustomDataset", "data_root": str(tmp_path), "img_dir": "img", "ann_dir": "ann",
+                            "img_suffix": ".png", "classes": ["x", "y"], "reduce_zero_label": True}, "data.train")
+    assert ds_all.names == ["a", "b", "c"]
+    assert set(np.unique(ds_all.load(0)[1])) == {255, 10}  # 0 -> 255, 11 -> 10
+
+
+def test_custom_dataset_classes_from_id2label_json(tmp_path):
+    _write_pair(tmp_path, "a")
+    (tmp_path / "id2label.json").write_text(json.dumps({"1": "cat", "0": "bg"}))
+    ds = build_dataset({"type": "CustomDataset", "data_root": str(tmp_path), "img_dir": "img", "ann_dir": "ann",
+                        "img_suffix": ".png"}, "data.train")
+    assert ds.classes == ["bg", "cat"]
+
+
+def test_custom_dataset_errors_name_the_file(tmp_path):
+    _write_pair(tmp_path, "good")
+    _write_pair(tmp_path, "bad", label_size=(5, 5))
+    ds = build_dataset({"type": "CustomDataset", "data_root": str(tmp_path), "img_dir": "img", "ann_dir": "ann",
+                        "img_suffix": ".png", "classes": ["x", "y"]}, "data.train")
+    with pytest.raises(DataError, match="bad.png.*is \\(5, 5\\)"):
+        ds.load(ds.names.index("bad"))
+    (tmp_path / "img" / "lonely.png").write_bytes(b"not a png")
+    ds = build_dataset({"type": "CustomDataset", "data_root": str(tmp_path), "img_dir": "img", "ann_dir": "ann",
+                        "img_suffix": ".png", "classes": ["x", "y"]}, "data.train")
+    with pytest.raises(DataError, match="lonely.png"):
+        ds.load(ds.names.index("lonely"))
+    with pytest.raises(ConfigError) as info:
+        build_dataset({"type": "CustomDataset", "data_root": str(tmp_path), "img_dir": "nope", "ann_dir": "ann",
+                       "classes": ["x"]}, "data.train")
+    assert info.value.key == "data.train.img_dir"
+
+
+def test_camvid_folder_dataset(camvid):
+    ds = build_dataset({"type": "CustomDataset", "data_root": str(camvid), "img_dir": "val", "ann_dir": "valannot",
+                        "img_suffix": ".png", "split": "val.txt", "label_map": {11: 255},
+                        "classes": ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
+                                    "Car", "Pedestrian", "Bicyclist"]}, "data.val")
+    assert len(ds) == 101
+    img, label = ds.load(0)
+    assert img.shape == (360, 480, 3) and label.shape == (360, 480)
+    assert set(np.unique(label)) <= set(range(11)) | {255}
+
+
+# ----------------------------------------------------------------------------- transforms
+def _sample(h=10, w=14):
+    img = torch.arange(3 * h * w, dtype=torch.float32).view(3, h, w)
+    label = (torch.arange(h * w).view(h, w) % 7).long()
+    return {"img": img, "gt_seg_map": label}
+
+
+def test_resize_keep_ratio_follows_mmcv_rescale():
+    assert rescale_size(480, 360, (2048, 512)) == (683, 512)
+    assert rescale_size(1000, 100, (2048, 512)) == (2048, 205)
+    out = Resize(scale=[28, 20], keep_ratio=True)(_sample(), RNG(0))
+    assert out["img"].shape == (3, 20, 28) and out["gt_seg_map"].shape == (20, 28)
+    assert set(out["gt_seg_map"].unique().tolist()) <= set(range(7))  # nearest: no new label values
+    out = Resize(scale=[5, 9], keep_ratio=False)(_sample(), RNG(0))
+    assert out["img"].shape == (3, 9, 5)
+
+
+def test_random_crop_cat_max_ratio_and_alignment():
+    label = torch.zeros(40, 40, dtype=torch.long)
+    label[:, 30:] = 1  # class 0 dominates most crops
+    img = torch.stack([label.float()] * 3)
+    crop = RandomCrop(crop_size=[10, 10], cat_max_ratio=0.75)
+    for seed in range(20):
+        out = crop({"img": img.clone(), "gt_seg_map": label.clone()}, RNG(seed))
+        counts = torch.bincount(out["gt_seg_map"].flatten(), minlength=2).float()
+        assert torch.equal(out["img"][0].long(), out["gt_seg_map"])
+        if seed < 5:
+            assert out["img"].shape == (3, 10, 10)
+    # with 10 retries the chance of never finding a mixed crop is tiny; most crops are mixed
+    mixed = 0
+    for seed in range(50):
+        out = crop({"img": img.clone(), "gt_seg_map": label.clone()}, RNG(seed))
+        counts = torch.bincount(out["gt_seg_map"].flatten(), minlength=2).float()
+        mixed += int(counts.max() / counts.sum() < 0.75)
+    assert mixed >= 45
+    small = RandomCrop(crop_size=[64, 64])(_sample(), RNG(0))
+    assert small["img"].shape == (3, 10, 14)  # a crop never grows the image
+
+
+def test_flip_moves_image_and_label_together():
+    s = _sample()
+    out = RandomFlip(prob=1.0)(_sample(), RNG(0))
+    assert torch.equal(out["img"], s["img"].flip(-1)) and torch.equal(out["gt_seg_map"], s["gt_seg_map"].flip(-1))
+    out = RandomFlip(prob=0.0)(_sample(), RNG(0))
+    assert torch.equal(out["img"], s["img"])
+
+
+def test_normalize_and_bgr():
+    s = _sample(2, 2)
+    out = Normalize(mean=[1, 2, 3], std=[2, 2, 2])(_sample(2, 2), RNG(0))
+    assert torch.allclose(out["img"][1], (s["img"][1] - 2) / 2)
+    out = Normalize(mean=[0, 0, 0], std=[1, 1, 1], to_rgb=False)(_sample(2, 2), RNG(0))
+    assert torch.equal(out["img"], s["img"].flip(0))
+    assert torch.equal(out["gt_seg_map"], s["gt_seg_map"])
+
+
+def test_pad_uses_seg_pad_val_on_labels():
+    out = Pad(size=[12, 16])(_sample(), RNG(0))
+    assert out["img"].shape == (3, 12, 16) and out["gt_seg_map"].shape == (12, 16)
+    assert (out["gt_seg_map"][10:] == 255).all() and (out["gt_seg_map"][:, 14:] == 255).all()
+    assert (out["img"][:, 10:] == 0).all()
+    out = Pad(size_divisor=8)(_sample(), RNG(0))
+    assert out["img"].shape == (3, 16, 16)
+
+
+# ----------------------------------------------------------------------------- samplers
+def _take(sampler, n):
+    return list(itertools.islice(iter(sampler), n))
+
+
+def test_infinite_sampler_shards_each_epoch_exactly_once():
+    size, world = 10, 2
+    streams = [_take(InfiniteShardedSampler(size, r, world, seed=5), 15) for r in range(world)]
+    assert len(streams[0]) == len(streams[1])
+    # global positions 0..19 are epochs 0 and 1: each epoch covers every index once
+    merged = [None] * 30
+    for r, stream in enumerate(streams):
+        for k, (idx, _) in enumerate(stream):
+            merged[r + k * world] = idx
+    assert sorted(merged[:10]) == list(range(10)) and sorted(merged[10:20]) == list(range(10))
+    assert merged[:10] != merged[10:20]  # reshuffled per epoch
+    seeds = [s for stream in streams for _, s in stream]
+    assert len(set(seeds)) == len(seeds)  # every position has its own augmentation seed
+
+
+def test_infinite_sampler_resumes_from_a_position():
+    full = _take(InfiniteShardedSampler(7, 1, 2, seed=0), 12)
+    resumed = _take(InfiniteShardedSampler(7, 1, 2, seed=0, start=5), 7)
+    assert resumed == full[5:]
+
+
+def test_shard_sampler_has_no_padding():
+    shards = [list(ShardSampler(9, r, 4)) for r in range(4)]
+    assert sorted(i for s in shards for i in s) == list(range(9))
+    assert [len(s) for s in shards] == [3, 2, 2, 2]
+
+
+def test_collate_refuses_mixed_sizes_with_advice():
+    a = {"pixel_values": torch.zeros(3, 4, 4), "labels": torch.zeros(4, 4, dtype=torch.long), "index": 0}
+    b = {"pixel_values": torch.zeros(3, 5, 4), "labels": torch.zeros(5, 4, dtype=torch.long), "index": 1}
+    assert collate([a, a])["pixel_values"].shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match="samples_per_gpu: 1"):
+        collate([a, b])
