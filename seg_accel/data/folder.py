@@ -117,8 +117,8 @@ class CustomDataset(SegDataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         img_path, ann_path = self.paths(index)
         try:
-            img = np.asarray(Image.open(img_path).convert("RGB"))
-            label = np.asarray(Image.open(ann_path))
+            img = np.array(Image.open(img_path).convert("RGB"))
+            label = np.array(Image.open(ann_path))
         except (OSError, ValueError) as exc:
             raise DataError(f"{self.describe(index)}: cannot read {exc}") from exc
         if label.ndim != 2:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,9 @@ class Trainer:
         acc.wait_for_everyone()
         setup_logging(self.work_dir, acc.is_main_process)
         _quiet_libraries(acc.is_main_process)
+        # Depthwise conv weights (C, 1, k, k) get grads whose size-1 dim has another stride than
+        # DDP's bucket view: the same memory layout, so DDP's performance warning is a false alarm.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         set_seed(cfg.seed)
 
         self.classes = list(cfg.classes)

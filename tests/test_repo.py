@@ -1,0 +1,49 @@
+"""The repository's promises: README commands, CI entry, example configs."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from seg_accel.config import load_config
+from seg_accel.config.schema import validate_train_config
+from tests.conftest import CAMVID, REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def readme_commands() -> list[str]:
+    return re.findall(r"```bash\n(.+?)\n```", README)
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
+    commands = readme_commands()
+    assert len(commands) >= 2
+    demo, tests = commands[:2]
+    assert "accelerate launch" in demo and "configs/demo/segformer_synthetic.yaml" in demo
+    assert "pytest" in tests
+    ci = [line for line in (REPO / ".ci/run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [tests]
+    for path in re.findall(r"(?:scripts|configs)/[\w/.-]+", f"{demo} {tests}") + ["accelerate_config.yaml"]:
+        assert (REPO / path).exists(), path
+
+
+def test_setup_installs_torch_first_and_keeps_an_existing_one():
+    setup = "\n".join(line for line in (REPO / "scripts/setup.sh").read_text().splitlines()
+                      if not line.lstrip().startswith("#"))
+    assert setup.index("import torch") < setup.index("torch==2.13.0") < setup.index("pip install -q -e")
+    assert "--system-site-packages" in setup
+
+
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "_base_" not in p.parts)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
+def test_every_example_config_validates(path, monkeypatch):
+    text = path.read_text() + "".join(p.read_text() for p in (REPO / "configs/_base_").rglob("*.yaml"))
+    if "shared/data/camvid" in text and not CAMVID.is_dir():
+        pytest.skip(f"needs {CAMVID} (../shared is absent)")
+    monkeypatch.chdir(REPO)  # data roots in the examples are relative to the repository root
+    cfg = validate_train_config(load_config(path))
+    assert cfg.classes
