@@ -92,9 +92,9 @@ class SyntheticShapes(SegDataset):
         img_size: list[int] | int = 64,
         seed: int = 0,
         max_shapes: int = 3,
-        min_size: float = 0.25,
-        max_size: float = 0.6,
-        colour_jitter: float = 25.0,
+        min_size: float = 0.3,
+        max_size: float = 0.7,
+        colour_jitter: float = 15.0,
         pipeline: list[dict] | None = None,
     ):
         if num_samples < 1:

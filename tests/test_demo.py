@@ -1,0 +1,22 @@
+"""The README's demo: 2 processes on CPU, final mIoU of at least 80% (slow: about 2.5 minutes)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from seg_accel.engine import EVAL_RESULTS
+from tests.conftest import REPO, accelerate_launch
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_demo_reaches_80_miou_on_two_processes(tmp_path):
+    proc = accelerate_launch([str(REPO / "scripts/train.py"), str(REPO / "configs/demo/segformer_synthetic.yaml"),
+                              "--work-dir", str(tmp_path / "work")], cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es), MULTI_CPU" in proc.stdout
+    results = json.loads((tmp_path / "work" / EVAL_RESULTS).read_text())
+    assert results["num_processes"] == 2
+    assert results["metrics"]["mIoU"] >= 80.0, results["metrics"]
+    assert f"mIoU: {results['metrics']['mIoU']:.2f}" in proc.stdout  # the number the user sees
