@@ -58,8 +58,9 @@ def test_single_process_train_evaluate_export(tmp_path, fresh_accelerate):
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path, fresh_accelerate):
-    trainer, _ = make_trainer(tmp_path, tiny_config(gradient_accumulation_steps=3, data={
-        **tiny_config()["data"], "val": None}))
+    data = tiny_config()["data"]
+    data.update(val=None, workers_per_gpu=1)  # also covers loading in a worker process
+    trainer, _ = make_trainer(tmp_path, tiny_config(gradient_accumulation_steps=3, data=data))
     seen = []
     original = trainer._batch
 
@@ -145,3 +146,25 @@ def test_two_processes_shard_data_and_report_the_single_process_miou(tmp_path):
     cm = collect_confusion(model, build_val_loader(val_set, 1, 0, 0, 1), 4)
     assert cm.tolist() == reported["confusion_matrix"]
     assert metrics_from_confusion(cm)["mIoU"] == pytest.approx(reported["metrics"]["mIoU"], abs=1e-12)
+
+
+def test_bf16_mixed_precision_from_the_config(tmp_path, fresh_accelerate):
+    cfg = tiny_config(mixed_precision="bf16")
+    cfg["runner"]["max_iters"] = 2
+    trainer, _ = make_trainer(tmp_path, cfg)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    inner = []
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.decode_head.classifier.register_forward_hook(lambda m, i, out: inner.append(out.dtype))
+    segmentation_logits(trainer.model, trainer.val_set[0]["pixel_values"][None])
+    assert inner == [torch.bfloat16]  # the prepared forward runs under autocast
+    results = trainer.train()
+    assert 0.0 <= results["mIoU"] <= 100.0
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())  # fp32 weights
+
+
+def test_fp16_on_cpu_is_announced(tmp_path, fresh_accelerate):
+    cfg = tiny_config(mixed_precision="fp16")
+    cfg["runner"]["max_iters"] = 1
+    make_trainer(tmp_path, cfg)  # Accelerate silently trains in fp32 on the CPU: we say so
+    assert "fp16 mixed precision needs a GPU" in next((tmp_path / "work").glob("*.log")).read_text()

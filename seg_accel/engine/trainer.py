@@ -133,6 +133,8 @@ class Trainer:
             f", val {type(self.val_set).__name__} ({len(self.val_set)} samples)" if self.val_set is not None else "",
             cfg.data.samples_per_gpu, acc.num_processes, cfg.gradient_accumulation_steps, per_step,
         )
+        if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
+            logger.warning("fp16 mixed precision needs a GPU; on the CPU Accelerate trains in fp32 (bf16 works on CPUs)")
         logged_only = self.decode_losses.logged_only()
         if logged_only:
             logger.info("logged, not trained on (name does not start with 'loss_'): %s", ", ".join(logged_only))
