@@ -151,3 +151,10 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1 and "exp.yaml" in error_lines[0] and "optimzer" in error_lines[0]
     assert not (tmp_path / "work_dirs").exists()  # nothing was started
+
+
+def test_no_trainable_loss_is_an_error(tmp_path, capsys):
+    cfg = tiny_config()
+    cfg["model"]["decode_head"] = {"loss_decode": {"type": "CrossEntropyLoss", "loss_name": "ce"}}
+    rc, err = run_train(capsys, [str(write_yaml(tmp_path / "exp.yaml", cfg))])
+    assert_one_message(rc, err, "exp.yaml", "model.decode_head.loss_decode", "loss_")

@@ -179,7 +179,12 @@ def _dry_build(cfg: TrainConfig) -> None:
         if dataset_cfg is not None:
             build_pipeline(dataset_cfg.get("pipeline"), f"data.{split}.pipeline")
     head = cfg.model.decode_head
-    HeadLosses(head.loss_cfgs(), len(cfg.classes), "decode", head.ignore_index, head.align_corners)
+    losses = HeadLosses(head.loss_cfgs(), len(cfg.classes), "decode", head.ignore_index, head.align_corners)
+    if len(losses.logged_only()) == len(losses.losses):
+        raise ConfigError(
+            "no loss is named 'loss_*', so nothing would be trained; name at least one loss loss_<something>",
+            key="model.decode_head.loss_decode",
+        )
     if cfg.lr_config is not None:
         LR_POLICIES.build(cfg.lr_config, "lr_config", max_iters=cfg.runner.max_iters)
     OPTIMIZERS.build(cfg.optimizer, "optimizer", params=[torch.nn.Parameter(torch.zeros(2, 2))])

@@ -24,7 +24,6 @@ from seg_accel.config.schema import TrainConfig
 from seg_accel.data import build_dataset, build_train_loader, build_val_loader
 from seg_accel.engine.evaluation import collect_confusion
 from seg_accel.engine.log import IntervalMeter, format_eta, setup_logging
-from seg_accel.errors import ConfigError
 from seg_accel.losses.head import HeadLosses
 from seg_accel.metrics import format_summary, format_table, metrics_from_confusion
 from seg_accel.models.builder import build_model, needs_unused_parameter_search, segmentation_logits
@@ -79,12 +78,6 @@ class Trainer:
         self.decode_losses = HeadLosses(
             head.loss_cfgs(), len(self.classes), "decode", head.ignore_index, head.align_corners
         ).to(acc.device)
-        if len(self.decode_losses.logged_only()) == len(self.decode_losses.losses):
-            raise ConfigError(
-                "no loss is named 'loss_*', so nothing would be trained; name at least one loss loss_<something>",
-                key="model.decode_head.loss_decode",
-                file=raw_cfg.origin("model.decode_head.loss_decode"),
-            )
 
         train_set = build_dataset(cfg.data.train, "data.train")
         self.val_set = None
