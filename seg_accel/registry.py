@@ -77,13 +77,6 @@ class Registry:
             names.update(self._extra_names())
         return sorted(names)
 
-    def __contains__(self, name: str) -> bool:
-        try:
-            self.get(name)
-        except ConfigError:
-            return False
-        return True
-
     def get(self, name: Any, key: str | None = None) -> Any:
         """The class registered as ``name`` (or found at the dotted path ``name``)."""
         self._load_builtins()
