@@ -91,3 +91,28 @@ def print_config_cli(argv: Sequence[str] | None = None) -> int:
     parser = config_parser("Print the resolved config (after _base_, _delete_ and --cfg-options) as YAML.")
     parser.add_argument("--no-validate", action="store_true", help="print only; do not check the config")
     return run_cli(_print_config, parser, argv)
+
+
+# --------------------------------------------------------------------------- print_param_groups
+def _print_param_groups(args: argparse.Namespace) -> int:
+    from seg_accel.config import load_config
+    from seg_accel.config.schema import errors_located_in, validate_train_config
+    from seg_accel.models.builder import build_empty_model, build_model
+    from seg_accel.optim import build_constructor, param_group_table
+
+    cfg = load_config(args.config, args.cfg_options)
+    train_cfg = validate_train_config(cfg)
+    with errors_located_in(cfg):
+        # weights are not needed for the table: the architecture on the meta device is enough
+        model = build_empty_model(train_cfg.model, train_cfg.classes)
+        if model is None:  # a Hub model whose config is not available locally: load it
+            model = build_model(train_cfg.model, train_cfg.classes)
+        constructor = build_constructor(train_cfg.optimizer)
+        optimizer = constructor(model)
+    print(param_group_table(model, optimizer, getattr(constructor, "notes", None)))
+    return 0
+
+
+def print_param_groups_cli(argv: Sequence[str] | None = None) -> int:
+    parser = config_parser("Print the optimizer's parameter groups (rule, tensors, parameters, lr, weight decay).")
+    return run_cli(_print_param_groups, parser, argv)

@@ -32,6 +32,7 @@ class Registry:
         runtime_args: Iterable[str] = (),
         fallback: Callable[[str], Any] | None = None,
         extra_names: Callable[[], Iterable[str]] | None = None,
+        case_insensitive: bool = False,
     ):
         self.kind = kind
         self.key = key
@@ -41,6 +42,7 @@ class Registry:
         self._builtins_loaded = False
         self._fallback = fallback
         self._extra_names = extra_names
+        self.case_insensitive = case_insensitive  # mmcv spells lr policies 'poly' or 'Poly'
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {len(self._entries)} entries)"
@@ -63,6 +65,8 @@ class Registry:
 
         return deco
 
+    register_module = register  # the mmcv spelling, so tutorial code works as written
+
     def _load_builtins(self) -> None:
         if not self._builtins_loaded:
             self._builtins_loaded = True
@@ -84,6 +88,10 @@ class Registry:
             raise ConfigError(f"'{self.key}' must be the name of a {self.kind}, got {name!r}", key=key)
         if name in self._entries:
             return self._entries[name]
+        if self.case_insensitive:
+            folded = {n.lower(): obj for n, obj in self._entries.items()}
+            if name.lower() in folded:
+                return folded[name.lower()]
         if self._fallback is not None:
             found = self._fallback(name)
             if found is not None:
@@ -246,8 +254,14 @@ DATASETS = Registry("dataset", builtin_modules=["seg_accel.data.synthetic", "seg
 OPTIMIZERS = Registry(
     "optimizer", runtime_args=("params",), fallback=_torch_optimizer, extra_names=_torch_optimizer_names
 )
+OPTIMIZER_CONSTRUCTORS = Registry("optimizer constructor", builtin_modules=["seg_accel.optim.param_groups"])
 LR_POLICIES = Registry(
-    "lr policy", builtin_modules=["seg_accel.optim.schedules"], key="policy", runtime_args=("max_iters",)
+    "lr policy", builtin_modules=["seg_accel.optim.schedules"], key="policy", runtime_args=("max_iters",),
+    case_insensitive=True,
+)
+MOMENTUM_POLICIES = Registry(
+    "momentum policy", builtin_modules=["seg_accel.optim.schedules"], key="policy", runtime_args=("max_iters",),
+    case_insensitive=True,
 )
 MODELS = Registry("model", fallback=_transformers_model, extra_names=_transformers_model_names)
 
@@ -270,6 +284,14 @@ def list_optimizers() -> list[str]:
 
 def list_lr_policies() -> list[str]:
     return LR_POLICIES.names()
+
+
+def list_momentum_policies() -> list[str]:
+    return MOMENTUM_POLICIES.names()
+
+
+def list_optimizer_constructors() -> list[str]:
+    return OPTIMIZER_CONSTRUCTORS.names()
 
 
 def list_models() -> list[str]:

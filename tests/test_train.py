@@ -34,7 +34,7 @@ def test_single_process_train_evaluate_export(tmp_path, fresh_accelerate):
     results = trainer.train()
     work = tmp_path / "work"
     model = trainer.accelerator.unwrap_model(trainer.model)
-    assert trainer.iter == 4 and trainer.scheduler.last_iter == 4
+    assert trainer.iter == 4 and trainer.schedulers[0].last_iter == 4
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained
 
     # the export is an ordinary transformers model with the data's class names
@@ -75,7 +75,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, fresh_accelerate
 
     def recording(data_iter):
         logs = step(data_iter)
-        lrs.append(logs["lr"])
+        lrs.append(logs["scheduled"]["lr"])
         return logs
 
     trainer.train_step = recording
@@ -168,3 +168,72 @@ def test_fp16_on_cpu_is_announced(tmp_path, fresh_accelerate):
     cfg["runner"]["max_iters"] = 1
     make_trainer(tmp_path, cfg)  # Accelerate silently trains in fp32 on the CPU: we say so
     assert "fp16 mixed precision needs a GPU" in next((tmp_path / "work").glob("*.log")).read_text()
+
+
+def json_log(work_dir) -> list[dict]:
+    path = next(iter(sorted(work_dir.glob("*.log.json"))))
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+SCHEDULED = dict(
+    optimizer={"type": "AdamW", "lr": 0.002, "betas": [0.9, 0.999], "weight_decay": 0.01},
+    lr_config={"policy": "poly", "power": 1.0, "min_lr": 1e-5, "warmup": "linear", "warmup_iters": 3,
+               "warmup_ratio": 0.1},
+    momentum_config={"policy": "cyclic", "cyclic_times": 2},
+    log_config={"interval": 1},
+)
+
+
+@pytest.mark.multiprocess
+def test_schedules_step_once_per_optimizer_step_on_any_processes_and_accumulation(tmp_path, fresh_accelerate):
+    cfg = tiny_config(**SCHEDULED)
+    cfg["runner"]["max_iters"] = 8
+    cfg["data"]["val"] = None
+    trainer, _ = make_trainer(tmp_path / "one", cfg)
+    trainer.train()
+    single = [(r["lr"], r["momentum"]) for r in json_log(tmp_path / "one" / "work") if r["mode"] == "train"]
+
+    path = write_yaml(tmp_path / "two" / "exp.yaml", {**cfg, "gradient_accumulation_steps": 4})
+    proc = accelerate_launch([str(REPO / "scripts/train.py"), str(path), "--work-dir", str(tmp_path / "two/work")],
+                             cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 processes x 4 accumulation" in proc.stdout
+    records = [r for r in json_log(tmp_path / "two" / "work") if r["mode"] == "train"]
+    assert [r["iter"] for r in records] == list(range(1, 9))
+    assert [(r["lr"], r["momentum"]) for r in records] == single  # identical, step for step
+    warm = 1 - (1 - 0 / 3) * (1 - 0.1)
+    assert single[0][0] == pytest.approx(warm * ((0.002 - 1e-5) * 1 + 1e-5), rel=1e-12)
+    assert single[5][0] == pytest.approx((0.002 - 1e-5) * (1 - 5 / 8) + 1e-5, rel=1e-12)
+
+
+def test_grad_norm_is_the_preclip_total_norm_once_per_optimizer_step(tmp_path, fresh_accelerate):
+    cfg = tiny_config(gradient_accumulation_steps=2, optimizer_config={"grad_clip": {"max_norm": 0.05}},
+                      log_config={"interval": 1})
+    cfg["runner"]["max_iters"] = 3
+    cfg["data"]["val"] = None
+    trainer, _ = make_trainer(tmp_path, cfg)
+    acc = trainer.accelerator
+    original = acc.clip_grad_norm_
+    calls = []
+
+    def recording(parameters, max_norm, norm_type=2):
+        parameters = list(parameters)
+        copies = []
+        for p in parameters:  # the same gradients, on tensors of our own
+            if p.grad is not None:
+                copies.append(p.detach().clone().requires_grad_(True))
+                copies[-1].grad = p.grad.detach().clone()
+        reference = torch.nn.utils.clip_grad_norm_(copies, max_norm, norm_type)
+        norm = original(parameters, max_norm, norm_type)
+        clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        calls.append((acc.sync_gradients, float(reference), float(norm), float(clipped)))
+        return norm
+
+    acc.clip_grad_norm_ = recording
+    trainer.train()
+    assert len(calls) == 3  # once per optimizer step, not per micro-batch
+    assert all(synced for synced, *_ in calls)
+    logged = [r["grad_norm"] for r in json_log(tmp_path / "work") if r["mode"] == "train"]
+    for (_, reference, norm, clipped), value in zip(calls, logged):
+        assert norm == pytest.approx(reference, rel=1e-6) and value == pytest.approx(norm, rel=1e-6)
+        assert norm > 0.05 and clipped == pytest.approx(0.05, rel=1e-4)  # it really clipped

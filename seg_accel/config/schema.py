@@ -15,7 +15,9 @@ from typing import Annotated, Any, Literal
 from seg_accel.config.loader import Config
 from seg_accel.config.types import parse_section
 from seg_accel.errors import ConfigError
-from seg_accel.registry import DATASETS, LOSSES, LR_POLICIES, OPTIMIZERS, Spec
+from seg_accel.optim.param_groups import OPTIMIZER_OWN_KEYS, OptimizerSpec
+from seg_accel.optim.schedules import LrConfigSpec
+from seg_accel.registry import DATASETS, LOSSES, MOMENTUM_POLICIES, OPTIMIZERS, Spec
 
 
 def _positive(value: int, key: str, minimum: int = 1) -> None:
@@ -136,9 +138,10 @@ class TrainConfig:
 
     model: ModelConfig
     data: DataConfig
-    optimizer: Annotated[dict, Spec(OPTIMIZERS)]
+    optimizer: Annotated[dict, OptimizerSpec()]
     runner: RunnerConfig
-    lr_config: Annotated[dict | None, Spec(LR_POLICIES)] = None
+    lr_config: Annotated[dict | None, LrConfigSpec()] = None
+    momentum_config: Annotated[dict | None, Spec(MOMENTUM_POLICIES)] = None
     optimizer_config: OptimizerStepConfig = field(default_factory=OptimizerStepConfig)
     log_config: LogConfig = field(default_factory=LogConfig)
     custom_imports: CustomImportsConfig | None = None
@@ -167,12 +170,15 @@ def dataset_classes(dataset_cfg: dict, key: str) -> list[str]:
 
 
 def _dry_build(cfg: TrainConfig) -> None:
-    """Build the cheap components (transforms, losses, lr policy, an optimizer over a dummy
-    parameter) so that their value checks (ranges, lengths) fail now, not mid-run."""
+    """Build what is cheap to build (transforms, losses, the model on the meta device, its
+    parameter groups, schedules, an optimizer over a dummy parameter) so that value checks
+    (ranges, lengths, unsupported combinations) fail now, not after the processes start."""
     import torch
 
     from seg_accel.data.transforms import build_pipeline
     from seg_accel.losses.head import HeadLosses
+    from seg_accel.models.builder import build_empty_model
+    from seg_accel.optim import build_constructor, build_lr_scheduler, build_momentum_scheduler
 
     for split in ("train", "val"):
         dataset_cfg = getattr(cfg.data, split)
@@ -185,9 +191,20 @@ def _dry_build(cfg: TrainConfig) -> None:
             "no loss is named 'loss_*', so nothing would be trained; name at least one loss loss_<something>",
             key="model.decode_head.loss_decode",
         )
-    if cfg.lr_config is not None:
-        LR_POLICIES.build(cfg.lr_config, "lr_config", max_iters=cfg.runner.max_iters)
-    OPTIMIZERS.build(cfg.optimizer, "optimizer", params=[torch.nn.Parameter(torch.zeros(2, 2))])
+    model = build_empty_model(cfg.model, cfg.classes)
+    constructor = build_constructor(cfg.optimizer)
+    if model is not None and hasattr(constructor, "param_groups"):
+        constructor.param_groups(model)
+    optimizer_cfg = {k: v for k, v in cfg.optimizer.items() if k not in OPTIMIZER_OWN_KEYS}
+    optimizer = OPTIMIZERS.build(optimizer_cfg, "optimizer", params=[torch.nn.Parameter(torch.zeros(2, 2))])
+    build_lr_scheduler(cfg.lr_config, optimizer, cfg.runner.max_iters)
+    build_momentum_scheduler(cfg.momentum_config, optimizer, cfg.runner.max_iters)
+    for section in ("lr_config", "momentum_config"):
+        if (getattr(cfg, section) or {}).get("by_epoch", False):
+            raise ConfigError(
+                "by_epoch: true needs an epoch-based runner; with IterBasedRunner set by_epoch: false",
+                key=f"{section}.by_epoch",
+            )
 
 
 @contextlib.contextmanager
@@ -216,11 +233,5 @@ def validate_train_config(cfg: Config) -> TrainConfig:
 
         check_num_labels(train_cfg.model, classes, "model")
         train_cfg.classes = classes
-        lr_cfg = train_cfg.lr_config
-        if lr_cfg is not None and lr_cfg.get("by_epoch", False):
-            raise ConfigError(
-                "by_epoch: true needs an epoch-based runner; with IterBasedRunner set by_epoch: false",
-                key="lr_config.by_epoch",
-            )
         _dry_build(train_cfg)
     return train_cfg

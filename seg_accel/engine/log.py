@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import sys
 from pathlib import Path
@@ -22,8 +23,9 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(work_dir: str | Path | None, is_main: bool, timestamp: str | None = None) -> logging.Logger:
-    """INFO on the main process (console + ``<work_dir>/<timestamp>.log``), WARNING elsewhere."""
+def setup_logging(work_dir: str | Path | None, is_main: bool, timestamp: str | None = None) -> str:
+    """INFO on the main process (console + ``<work_dir>/<timestamp>.log``), WARNING elsewhere.
+    Returns the timestamp that names the log files."""
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
@@ -33,12 +35,25 @@ def setup_logging(work_dir: str | Path | None, is_main: bool, timestamp: str | N
     console = _TqdmHandler()
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     logger.addHandler(console)
+    timestamp = timestamp or datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     if is_main and work_dir is not None:
-        timestamp = timestamp or datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
         file_handler = logging.FileHandler(Path(work_dir) / f"{timestamp}.log")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(file_handler)
-    return logger
+    return timestamp
+
+
+class JsonLog:
+    """One JSON object a line (``<work_dir>/<timestamp>.log.json``); a no-op without a path
+    (processes other than the main one)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 class IntervalMeter:

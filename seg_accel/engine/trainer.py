@@ -23,11 +23,12 @@ from seg_accel.config.loader import Config
 from seg_accel.config.schema import TrainConfig
 from seg_accel.data import build_dataset, build_train_loader, build_val_loader
 from seg_accel.engine.evaluation import collect_confusion
-from seg_accel.engine.log import IntervalMeter, format_eta, setup_logging
+from seg_accel.engine.log import IntervalMeter, JsonLog, format_eta, setup_logging
 from seg_accel.losses.head import HeadLosses
 from seg_accel.metrics import format_summary, format_table, metrics_from_confusion
 from seg_accel.models.builder import build_model, needs_unused_parameter_search, segmentation_logits
-from seg_accel.optim import build_lr_scheduler, build_optimizer
+from seg_accel.optim import build_constructor, build_lr_scheduler, build_momentum_scheduler, param_group_table
+from seg_accel.optim.schedules import ParamScheduler
 
 logger = logging.getLogger("seg_accel")
 
@@ -66,7 +67,8 @@ class Trainer:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             raw_cfg.save(self.work_dir / "config.yaml")
         acc.wait_for_everyone()
-        setup_logging(self.work_dir, acc.is_main_process)
+        timestamp = setup_logging(self.work_dir, acc.is_main_process)
+        self.json_log = JsonLog(self.work_dir / f"{timestamp}.log.json" if acc.is_main_process else None)
         _quiet_libraries(acc.is_main_process)
         # Depthwise conv weights (C, 1, k, k) get grads whose size-1 dim has another stride than
         # DDP's bucket view: the same memory layout, so DDP's performance warning is a false alarm.
@@ -99,12 +101,17 @@ class Trainer:
         model = build_model(cfg.model, self.classes)
         find_unused = cfg.find_unused_parameters
         self.ddp_kwargs.find_unused_parameters = needs_unused_parameter_search(model) if find_unused is None else find_unused
-        optimizer = build_optimizer(model, cfg.optimizer)
+        constructor = build_constructor(cfg.optimizer)
+        optimizer = constructor(model)
+        group_table = param_group_table(model, optimizer, getattr(constructor, "notes", None))
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.scheduler = build_lr_scheduler(cfg.lr_config, self.optimizer, cfg.runner.max_iters)
+        schedulers = (build_lr_scheduler(cfg.lr_config, optimizer, cfg.runner.max_iters),
+                      build_momentum_scheduler(cfg.momentum_config, optimizer, cfg.runner.max_iters))
+        self.schedulers: list[ParamScheduler] = [s for s in schedulers if s is not None]
         self.grad_clip = cfg.optimizer_config.grad_clip
         self.iter = 0
         self._describe(train_set, model)
+        logger.info("%s", group_table)
 
     # ------------------------------------------------------------------ logging
     def _describe(self, train_set: Any, model: torch.nn.Module) -> None:
@@ -134,7 +141,9 @@ class Trainer:
         if self.ddp_kwargs.find_unused_parameters and acc.num_processes > 1:
             logger.info("DDP find_unused_parameters: true")
 
-    def _log_interval(self, meter: IntervalMeter, lr: float, started: float, start_iter: int) -> None:
+    def _log_interval(self, meter: IntervalMeter, scheduled: dict[str, float | None], started: float,
+                      start_iter: int) -> None:
+        """One console line and one JSON line: the interval's means over all processes."""
         acc = self.accelerator
         averages = meter.averages()
         keys = sorted(averages)
@@ -143,11 +152,18 @@ class Trainer:
         averages = dict(zip(keys, values.tolist()))
         max_iters = self.cfg.runner.max_iters
         per_iter = (time.perf_counter() - started) / max(self.iter - start_iter, 1)
-        parts = [f"lr: {lr:.3e}", f"eta: {format_eta(per_iter * (max_iters - self.iter))}"]
-        for key in ("time", "data_time"):
-            parts.append(f"{key}: {averages.pop(key):.3f}")
-        if torch.cuda.is_available() and acc.device.type == "cuda":
-            parts.append(f"memory: {torch.cuda.max_memory_allocated(acc.device) // 2**20}")
+        record: dict[str, Any] = {"mode": "train", "iter": self.iter}
+        record.update({k: v for k, v in scheduled.items() if v is not None})
+        record.update(time=averages.pop("time"), data_time=averages.pop("data_time"))
+        if acc.device.type == "cuda":
+            record["memory"] = torch.cuda.max_memory_allocated(acc.device) // 2**20
+        record.update(averages)
+        self.json_log.write(record)
+        parts = [f"{k}: {v:.3e}" for k, v in scheduled.items() if v is not None]
+        parts.append(f"eta: {format_eta(per_iter * (max_iters - self.iter))}")
+        parts += [f"{k}: {record[k]:.3f}" for k in ("time", "data_time")]
+        if "memory" in record:
+            parts.append(f"memory: {record['memory']}")
         parts += [f"{k}: {v:.4f}" for k, v in averages.items()]
         logger.info("Iter [%d/%d]\t%s", self.iter, max_iters, ", ".join(parts))
 
@@ -164,7 +180,10 @@ class Trainer:
         acc = self.accelerator
         accum = self.cfg.gradient_accumulation_steps
         logs: dict[str, Any] = {"data_time": 0.0}
-        lr = self.optimizer.param_groups[0]["lr"]
+        group = self.optimizer.param_groups[0]  # the values this step uses (set before it)
+        scheduled = {"lr": group.get("lr")}
+        if any(s.target == "momentum" for s in self.schedulers):
+            scheduled["momentum"] = group["betas"][0] if "betas" in group else group["momentum"]
         for _ in range(accum):
             batch, waited = self._batch(data_iter)
             logs["data_time"] += waited
@@ -180,9 +199,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             for key, value in {"loss": loss.detach(), **head_logs}.items():
                 logs[key] = logs.get(key, 0.0) + value / accum
-        if not self.optimizer.step_was_skipped:  # fp16 overflow: the schedule waits too
-            self.scheduler.step()
-        logs["lr"] = lr
+        if not self.optimizer.step_was_skipped:  # fp16 overflow: the schedules wait too
+            for scheduler in self.schedulers:
+                scheduler.step()
+        logs["scheduled"] = scheduled
         return logs
 
     def train(self) -> dict[str, Any] | None:
@@ -202,11 +222,11 @@ class Trainer:
                 self.iter += 1
                 now = time.perf_counter()
                 logs["time"], last = now - last, now
-                lr = logs.pop("lr")
+                scheduled = logs.pop("scheduled")
                 meter.update(logs)
                 bar.update(1)
                 if self.iter % interval == 0 or self.iter == max_iters:
-                    self._log_interval(meter, lr, started, start_iter)
+                    self._log_interval(meter, scheduled, started, start_iter)
                     meter.reset()
         results = self.evaluate() if self.val_loader is not None else None
         self.export(self.work_dir / FINAL_DIR)
@@ -226,6 +246,8 @@ class Trainer:
         results = metrics_from_confusion(cm, ("mIoU",))
         logger.info("per-class results at iter %d:\n%s", self.iter, format_table(self.classes, results["per_class"]))
         logger.info("Iter(val) [%d]\t%s", self.iter, format_summary(results))
+        self.json_log.write({"mode": "val", "iter": self.iter,
+                             **{k: v for k, v in results.items() if k != "per_class"}})
         if acc.is_main_process:
             payload = {
                 "iter": self.iter,

@@ -103,8 +103,7 @@ def check_model_config(model_cfg: ModelConfig, key: str = "model") -> None:
             )
         kwargs = {k: v for k, v in model_cfg.config.items() if k != "model_type"}
         check_config_kwargs(config_cls, kwargs, f"{key}.config")
-        config = make_config(config_cls, kwargs, key)  # transformers' own checks
-        _dry_build(model_cls, config, key)
+        make_config(config_cls, kwargs, key)  # transformers' own checks
     else:
         config_cls = _config_class(model_cls, model_cfg.config, key)
         if config_cls is not None:
@@ -124,22 +123,6 @@ def make_config(config_cls: Any, kwargs: dict, key: str) -> Any:
 
 def _instantiate(model_cls: Any, config: Any) -> Any:
     return _auto_class().from_config(config) if model_cls is _auto_class() else model_cls(config)
-
-
-def _dry_build(model_cls: Any, config: Any, key: str) -> None:
-    """Build the architecture with weights on the meta device (no memory, milliseconds), so an
-    inconsistent config (e.g. 2 depths for 4 stages) fails now, not after the processes start."""
-    from accelerate import init_empty_weights
-
-    try:
-        with init_empty_weights():
-            _instantiate(model_cls, config)
-    except Exception as exc:  # any failure here is a config mistake; say which model and why
-        raise ConfigError(
-            f"{getattr(model_cls, '__name__', model_cls)} cannot be built from this config: "
-            f"{type(exc).__name__}: {exc}",
-            key=f"{key}.config",
-        ) from exc
 
 
 def check_num_labels(model_cfg: ModelConfig, classes: list[str], key: str = "model") -> None:
@@ -167,31 +150,59 @@ def _label_maps(classes: list[str]) -> tuple[dict[int, str], dict[str, int]]:
     return id2label, {name: i for i, name in id2label.items()}
 
 
-def build_model(model_cfg: ModelConfig, classes: list[str], key: str = "model") -> Any:
-    """Instantiate the model with ``num_labels``/``id2label`` from the data's class names."""
+def _model_kwargs(model_cfg: ModelConfig, classes: list[str], key: str) -> tuple[Any, Any, dict]:
+    """(model class, config class or None, config kwargs with the data's labels)."""
     model_cls = resolve_model_class(model_cfg.type, f"{key}.type")
     id2label, label2id = _label_maps(classes)
     kwargs = dict(model_cfg.config)
     kwargs.update(num_labels=len(classes), id2label=id2label, label2id=label2id)
     model_type = kwargs.pop("model_type", None)
-
     config_cls = _config_class(model_cls, {"model_type": model_type}, key)
     if config_cls is not None and "use_auxiliary_head" in _allowed_config_keys(config_cls)[0]:
         # Our losses take the decode head's logits only; an auxiliary head nobody
         # trains would leave parameters without gradients under DDP.
         kwargs.setdefault("use_auxiliary_head", False)
+    return model_cls, config_cls, kwargs
 
+
+def build_model(model_cfg: ModelConfig, classes: list[str], key: str = "model") -> Any:
+    """Instantiate the model with ``num_labels``/``id2label`` from the data's class names."""
+    model_cls, config_cls, kwargs = _model_kwargs(model_cfg, classes, key)
     if model_cfg.pretrained is not None:
         source = model_cfg.pretrained
         try:
-            model = model_cls.from_pretrained(source, ignore_mismatched_sizes=True, **kwargs)
+            return model_cls.from_pretrained(source, ignore_mismatched_sizes=True, **kwargs)
         except OSError as exc:
             where = "local folder" if os.path.isdir(source) else "Hub id (or a local path that does not exist)"
             raise ConfigError(f"cannot load pretrained model '{source}' ({where}): {exc}", key=f"{key}.pretrained") from exc
+    return _instantiate(model_cls, make_config(config_cls, kwargs, key))
+
+
+def build_empty_model(model_cfg: ModelConfig, classes: list[str], key: str = "model") -> Any | None:
+    """The architecture with weights on the meta device (names, shapes and module types,
+    no memory): for checks and tables before training. None when a pretrained model's
+    config cannot be read locally (a Hub id while offline)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    model_cls, config_cls, kwargs = _model_kwargs(model_cfg, classes, key)
+    if model_cfg.pretrained is not None:
+        try:
+            loader = config_cls if config_cls is not None else AutoConfig
+            config = loader.from_pretrained(model_cfg.pretrained, **kwargs)
+        except OSError:
+            return None
     else:
         config = make_config(config_cls, kwargs, key)
-        model = _instantiate(model_cls, config)
-    return model
+    try:
+        with init_empty_weights():
+            return _instantiate(model_cls, config)
+    except Exception as exc:  # any failure here is a config mistake; say which model and why
+        raise ConfigError(
+            f"{getattr(model_cls, '__name__', model_cls)} cannot be built from this config: "
+            f"{type(exc).__name__}: {exc}",
+            key=f"{key}.config",
+        ) from exc
 
 
 def needs_unused_parameter_search(model: Any) -> bool:

@@ -1,5 +1,22 @@
-"""Optimizers and learning-rate schedules."""
-from seg_accel.optim.builder import build_optimizer
-from seg_accel.optim.schedules import LrScheduler, PolyPolicy, build_lr_scheduler
+"""Optimizers, parameter groups, learning-rate and momentum schedules."""
+from seg_accel.optim.param_groups import (
+    DefaultOptimizerConstructor,
+    LayerDecayOptimizerConstructor,
+    LearningRateDecayOptimizerConstructor,
+    build_constructor,
+    build_optimizer,
+    param_group_table,
+)
+from seg_accel.optim.schedules import ParamScheduler, build_lr_scheduler, build_momentum_scheduler
 
-__all__ = ["LrScheduler", "PolyPolicy", "build_lr_scheduler", "build_optimizer"]
+__all__ = [
+    "DefaultOptimizerConstructor",
+    "LayerDecayOptimizerConstructor",
+    "LearningRateDecayOptimizerConstructor",
+    "ParamScheduler",
+    "build_constructor",
+    "build_lr_scheduler",
+    "build_momentum_scheduler",
+    "build_optimizer",
+    "param_group_table",
+]
