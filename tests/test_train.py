@@ -237,3 +237,26 @@ def test_grad_norm_is_the_preclip_total_norm_once_per_optimizer_step(tmp_path, f
     for (_, reference, norm, clipped), value in zip(calls, logged):
         assert norm == pytest.approx(reference, rel=1e-6) and value == pytest.approx(norm, rel=1e-6)
         assert norm > 0.05 and clipped == pytest.approx(0.05, rel=1e-4)  # it really clipped
+
+
+def test_a_step_skipped_by_the_loss_scaler_does_not_advance_the_schedules(tmp_path, fresh_accelerate):
+    """fp16 needs a GPU, so the scaler's overflow report is simulated on step 2 (of 0..4)."""
+    cfg = tiny_config(**SCHEDULED)
+    cfg["runner"]["max_iters"] = 5
+    cfg["data"]["val"] = None
+    trainer, _ = make_trainer(tmp_path, cfg)
+    optimizer = trainer.optimizer
+    original = optimizer.step
+    steps = []
+
+    def step(*args, **kwargs):
+        original(*args, **kwargs)
+        optimizer._is_overflow = len(steps) == 2  # what Accelerate sets when the GradScaler skips a step
+        steps.append(optimizer.step_was_skipped)
+
+    optimizer.step = step
+    trainer.train()
+    assert steps == [False, False, True, False, False]
+    lrs = [r["lr"] for r in json_log(tmp_path / "work") if r["mode"] == "train"]
+    assert lrs[2] == lrs[3]  # the schedule waited one step
+    assert all(scheduler.last_iter == 4 for scheduler in trainer.schedulers)
