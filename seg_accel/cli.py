@@ -116,3 +116,51 @@ def _print_param_groups(args: argparse.Namespace) -> int:
 def print_param_groups_cli(argv: Sequence[str] | None = None) -> int:
     parser = config_parser("Print the optimizer's parameter groups (rule, tensors, parameters, lr, weight decay).")
     return run_cli(_print_param_groups, parser, argv)
+
+
+# --------------------------------------------------------------------------- class_weights
+def _class_weights(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from seg_accel.config import load_config
+    from seg_accel.config.schema import errors_located_in, validate_train_config
+    from seg_accel.data import build_dataset
+    from seg_accel.data.statistics import class_weights, count_pixels, frequency_table
+
+    cfg = load_config(args.config, args.cfg_options)
+    train_cfg = validate_train_config(cfg)
+    with errors_located_in(cfg):
+        # the raw labels (label_map and reduce_zero_label applied), not the augmented crops
+        dataset_cfg = {**train_cfg.data.train, "pipeline": []}
+        dataset = build_dataset(dataset_cfg, "data.train")
+    ignore_index = train_cfg.model.decode_head.ignore_index
+    counts = count_pixels(dataset, ignore_index)
+    weights = class_weights(counts, args.method)
+    print(frequency_table(train_cfg.classes, counts, weights))
+    result = {
+        "method": args.method,
+        "classes": train_cfg.classes,
+        "class_weight": weights,
+        "pixel_counts": counts.pixels.tolist(),
+        "image_pixel_counts": counts.image_pixels.tolist(),
+        "ignored_pixels": counts.ignored,
+        "other_pixels": counts.other,
+        "images": counts.images,
+        "ignore_index": ignore_index,
+        "config": str(args.config),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out} (use it as class_weight: {out})")
+    return 0
+
+
+def class_weights_cli(argv: Sequence[str] | None = None) -> int:
+    from seg_accel.data.statistics import METHODS
+
+    parser = config_parser("Count pixels per class over data.train (one pass) and write class weights.")
+    parser.add_argument("--method", choices=METHODS, default="median_freq", help="how weights follow from counts")
+    parser.add_argument("--out", required=True, help="JSON file for the weights (class_weight accepts it)")
+    return run_cli(_class_weights, parser, argv)

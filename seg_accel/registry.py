@@ -248,7 +248,12 @@ def _transformers_model_names() -> list[str]:
     return [n for n in dir(transformers) if n.endswith("ForSemanticSegmentation")]
 
 
-LOSSES = Registry("loss", builtin_modules=["seg_accel.losses.cross_entropy"])
+LOSSES = Registry(
+    "loss",
+    builtin_modules=["seg_accel.losses.cross_entropy", "seg_accel.losses.dice", "seg_accel.losses.focal",
+                     "seg_accel.losses.lovasz"],
+)
+SAMPLERS = Registry("pixel sampler", builtin_modules=["seg_accel.losses.ohem"])
 TRANSFORMS = Registry("transform", builtin_modules=["seg_accel.data.transforms"])
 DATASETS = Registry("dataset", builtin_modules=["seg_accel.data.synthetic", "seg_accel.data.folder"])
 OPTIMIZERS = Registry(
@@ -268,6 +273,10 @@ MODELS = Registry("model", fallback=_transformers_model, extra_names=_transforme
 
 def list_losses() -> list[str]:
     return LOSSES.names()
+
+
+def list_samplers() -> list[str]:
+    return SAMPLERS.names()
 
 
 def list_transforms() -> list[str]:

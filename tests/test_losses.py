@@ -118,3 +118,211 @@ def test_class_weight_length_must_match():
     with pytest.raises(ConfigError) as info:
         HeadLosses([{"type": "CrossEntropyLoss", "class_weight": [1.0, 2.0]}], 3)
     assert info.value.key == "model.decode_head.loss_decode.class_weight"
+
+
+# ----------------------------------------------------------------------------- class weights from files
+@pytest.mark.parametrize("suffix", [".npy", ".json", ".yaml", ".json-dict"])
+def test_class_weight_files(tmp_path, batch, suffix):
+    import json
+
+    import numpy as np
+    import yaml
+
+    weights = [0.5, 2.0, 1.5]
+    path = tmp_path / f"w{suffix.split('-')[0]}"
+    if suffix == ".npy":
+        np.save(path, np.array(weights))
+    elif suffix == ".json":
+        path.write_text(json.dumps(weights))
+    elif suffix == ".yaml":
+        path.write_text(yaml.safe_dump(weights))
+    else:  # what scripts/class_weights.py writes
+        path.write_text(json.dumps({"method": "median_freq", "class_weight": weights, "classes": ["a", "b", "c"]}))
+    logits, labels = batch
+    loss = CrossEntropyLoss(class_weight=str(path))
+    assert loss.class_weight == weights
+    assert math.isclose(float(loss(logits, labels)), reference_ce(logits, labels, weights), rel_tol=1e-5)
+
+
+def test_class_weight_file_errors(tmp_path):
+    from seg_accel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not found") as info:
+        CrossEntropyLoss(class_weight=str(tmp_path / "missing.json"))
+    assert info.value.key == "class_weight"
+    (tmp_path / "bad.json").write_text('{"weights": [1, 2]}')
+    with pytest.raises(ConfigError, match="list of numbers"):
+        CrossEntropyLoss(class_weight=str(tmp_path / "bad.json"))
+
+
+# ----------------------------------------------------------------------------- sigmoid cross-entropy
+def reference_bce(z, t):
+    return max(z, 0) - z * t + math.log1p(math.exp(-abs(z)))
+
+
+def test_sigmoid_multiclass_matches_formula(batch):
+    logits, labels = batch
+    weights = [0.5, 2.0, 1.5]
+    for avg_non_ignore in (False, True):
+        loss = CrossEntropyLoss(use_sigmoid=True, class_weight=weights, avg_non_ignore=avg_non_ignore)
+        n, c, h, w = logits.shape
+        total, valid = 0.0, 0
+        for b in range(n):
+            for i in range(h):
+                for j in range(w):
+                    y = int(labels[b, i, j])
+                    if y == 255:
+                        continue
+                    valid += 1
+                    for k in range(c):
+                        total += weights[k] * reference_bce(float(logits[b, k, i, j]), float(k == y))
+        expected = total / ((valid if avg_non_ignore else n * h * w) * c)
+        assert math.isclose(float(loss(logits, labels)), expected, rel_tol=1e-5)
+
+
+def test_sigmoid_one_channel_binary_matches_formula():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 1, 3, 4, generator=gen)
+    labels = torch.randint(0, 2, (2, 3, 4), generator=gen)
+    labels[0, 0, 0] = 255
+    loss = CrossEntropyLoss(use_sigmoid=True, class_weight=[1.0, 3.0])
+    total = 0.0
+    for b in range(2):
+        for i in range(3):
+            for j in range(4):
+                y = int(labels[b, i, j])
+                if y != 255:
+                    total += [1.0, 3.0][y] * reference_bce(float(logits[b, 0, i, j]), float(y))
+    assert math.isclose(float(loss(logits, labels)), total / 24, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="0 and 1"):
+        loss(logits, torch.full((2, 3, 4), 2))
+
+
+# ----------------------------------------------------------------------------- Dice, Focal, Lovasz
+def brute_dice(logits, labels, smooth=1.0, exponent=2.0, class_weight=None, ignore=255):
+    probs = logits.double().softmax(1)
+    n, c, h, w = logits.shape
+    per_class = []
+    for k in range(c):
+        per_image = []
+        for b in range(n):
+            inter = p_sum = y_sum = 0.0
+            for i in range(h):
+                for j in range(w):
+                    if int(labels[b, i, j]) == ignore:
+                        continue
+                    p, y = float(probs[b, k, i, j]), float(int(labels[b, i, j]) == k)
+                    inter += p * y
+                    p_sum += p**exponent
+                    y_sum += y**exponent
+            per_image.append(1 - (2 * inter + smooth) / (p_sum + y_sum + smooth))
+        value = sum(per_image) / n
+        per_class.append(value * (class_weight[k] if class_weight else 1.0))
+    return sum(per_class) / c
+
+
+@pytest.mark.parametrize("options", [{}, {"smooth": 0.5, "exponent": 1.0}, {"class_weight": [1.0, 0.2, 3.0]}])
+def test_dice_matches_brute_force(batch, options):
+    from seg_accel.losses import DiceLoss
+
+    logits, labels = batch
+    loss = DiceLoss(loss_weight=2.0, **options)(logits, labels)
+    assert math.isclose(float(loss), 2.0 * brute_dice(logits, labels, **options), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("alpha, gamma", [(0.5, 2.0), (0.25, 0.0), ([0.3, 0.5, 0.7], 1.5)])
+def test_focal_matches_brute_force(batch, alpha, gamma):
+    from seg_accel.losses import FocalLoss
+
+    logits, labels = batch
+    weights = [1.0, 2.0, 0.5]
+    n, c, h, w = logits.shape
+    total = 0.0
+    for b in range(n):
+        for i in range(h):
+            for j in range(w):
+                y = int(labels[b, i, j])
+                if y == 255:
+                    continue
+                for k in range(c):
+                    z, t = float(logits[b, k, i, j]), float(k == y)
+                    p = 1 / (1 + math.exp(-z))
+                    a = alpha[k] if isinstance(alpha, list) else alpha
+                    focal = (a * t + (1 - a) * (1 - t)) * (t * (1 - p) + (1 - t) * p) ** gamma
+                    total += weights[k] * reference_bce(z, t) * focal
+    loss = FocalLoss(alpha=alpha, gamma=gamma, class_weight=weights, loss_weight=3.0)(logits, labels)
+    assert math.isclose(float(loss), 3.0 * total / (n * c * h * w), rel_tol=1e-5)
+
+
+def brute_lovasz_class(probs_k, fg):
+    """The Lovasz extension of the Jaccard set loss, evaluated from its definition with sets."""
+    errors = [abs(f - p) for p, f in zip(probs_k, fg)]
+    order = sorted(range(len(errors)), key=lambda i: -errors[i])
+    gt = {i for i, f in enumerate(fg) if f}
+
+    def jaccard_loss(mistakes):
+        union = gt | mistakes
+        return 1 - len(gt - mistakes) / len(union) if union else 0.0
+
+    total, chosen, previous = 0.0, set(), 0.0
+    for i in order:
+        chosen.add(i)
+        current = jaccard_loss(chosen)
+        total += errors[i] * (current - previous)
+        previous = current
+    return total
+
+
+def brute_lovasz(logits, labels, per_image, ignore=255):
+    probs = logits.double().softmax(1)
+    groups = [[b] for b in range(logits.shape[0])] if per_image else [list(range(logits.shape[0]))]
+    values = []
+    for images in groups:
+        pixels = [(b, i, j) for b in images for i in range(labels.shape[1]) for j in range(labels.shape[2])
+                  if int(labels[b, i, j]) != ignore]
+        per_class = []
+        for k in range(logits.shape[1]):
+            fg = [int(labels[p]) == k for p in pixels]
+            if any(fg):
+                per_class.append(brute_lovasz_class([float(probs[b, k, i, j]) for b, i, j in pixels], fg))
+        values.append(sum(per_class) / len(per_class))
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_lovasz_matches_brute_force(batch, per_image):
+    from seg_accel.losses import LovaszLoss
+
+    logits, labels = batch
+    loss = LovaszLoss(per_image=per_image)(logits, labels)
+    assert math.isclose(float(loss), brute_lovasz(logits, labels, per_image), rel_tol=1e-5)
+
+
+ALL_LOSSES = [
+    ("CrossEntropyLoss", {"class_weight": [1.0, 2.0, 3.0]}),
+    ("CrossEntropyLoss", {"class_weight": [1.0, 2.0, 3.0], "avg_non_ignore": True}),
+    ("CrossEntropyLoss", {"use_sigmoid": True, "class_weight": [1.0, 2.0, 3.0]}),
+    ("DiceLoss", {"class_weight": [1.0, 2.0, 3.0]}),
+    ("FocalLoss", {"class_weight": [1.0, 2.0, 3.0]}),
+    ("LovaszLoss", {"per_image": False}),
+    ("LovaszLoss", {"per_image": True, "class_weight": [1.0, 2.0, 3.0]}),
+]
+
+
+@pytest.mark.parametrize("name, options", ALL_LOSSES)
+def test_ignored_pixels_change_neither_loss_nor_gradient(batch, name, options):
+    from seg_accel.registry import LOSSES
+
+    logits, labels = batch
+    loss_fn = LOSSES.build({"type": name, **options}, "loss")
+    mask = (labels == 255).unsqueeze(1).expand_as(logits)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone()
+    b[mask] = torch.randn(int(mask.sum())) * 50
+    b.requires_grad_(True)
+    la, lb = loss_fn(a, labels), loss_fn(b, labels)
+    la.backward()
+    lb.backward()
+    assert torch.allclose(la, lb, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    assert (a.grad[mask] == 0).all() and (b.grad[mask] == 0).all()

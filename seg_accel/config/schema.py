@@ -17,7 +17,7 @@ from seg_accel.config.types import parse_section
 from seg_accel.errors import ConfigError
 from seg_accel.optim.param_groups import OPTIMIZER_OWN_KEYS, OptimizerSpec
 from seg_accel.optim.schedules import LrConfigSpec
-from seg_accel.registry import DATASETS, LOSSES, MOMENTUM_POLICIES, OPTIMIZERS, Spec
+from seg_accel.registry import DATASETS, LOSSES, MOMENTUM_POLICIES, OPTIMIZERS, SAMPLERS, Spec
 
 
 def _positive(value: int, key: str, minimum: int = 1) -> None:
@@ -27,11 +27,13 @@ def _positive(value: int, key: str, minimum: int = 1) -> None:
 
 @dataclass
 class HeadConfig:
-    """``model.decode_head``: how the head's logits are turned into losses."""
+    """``model.auxiliary_head`` (and the base of ``model.decode_head``): how a head's logits
+    are turned into losses."""
 
     loss_decode: Annotated[Any, Spec(LOSSES, many="either")] = field(
         default_factory=lambda: {"type": "CrossEntropyLoss", "loss_weight": 1.0}
     )
+    sampler: Annotated[dict | None, Spec(SAMPLERS)] = None
     align_corners: bool = False
     ignore_index: int = 255
 
@@ -44,13 +46,30 @@ class HeadConfig:
 
 
 @dataclass
+class DecodeHeadConfig(HeadConfig):
+    """``model.decode_head``: ``out_channels: 1`` makes a binary (two-class) head with one
+    sigmoid channel, predicting the second class where ``sigmoid > threshold``."""
+
+    out_channels: int | None = None
+    threshold: float | None = None
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise ConfigError(f"must be in (0, 1), got {self.threshold}", key=f"{key}.threshold")
+        if self.threshold is not None and self.out_channels != 1:
+            raise ConfigError("threshold is for a 1-channel head (out_channels: 1)", key=f"{key}.threshold")
+
+
+@dataclass
 class ModelConfig:
     """``model``: a transformers ``*ForSemanticSegmentation`` class and how to initialise it."""
 
     type: str
     pretrained: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    decode_head: HeadConfig = field(default_factory=HeadConfig)
+    decode_head: DecodeHeadConfig = field(default_factory=DecodeHeadConfig)
+    auxiliary_head: HeadConfig | None = None
 
     def validate(self, key: str) -> None:
         from seg_accel.models.builder import check_model_config
@@ -176,7 +195,7 @@ def _dry_build(cfg: TrainConfig) -> None:
     import torch
 
     from seg_accel.data.transforms import build_pipeline
-    from seg_accel.losses.head import HeadLosses
+    from seg_accel.losses.head import build_head_losses
     from seg_accel.models.builder import build_empty_model
     from seg_accel.optim import build_constructor, build_lr_scheduler, build_momentum_scheduler
 
@@ -184,13 +203,14 @@ def _dry_build(cfg: TrainConfig) -> None:
         dataset_cfg = getattr(cfg.data, split)
         if dataset_cfg is not None:
             build_pipeline(dataset_cfg.get("pipeline"), f"data.{split}.pipeline")
-    head = cfg.model.decode_head
-    losses = HeadLosses(head.loss_cfgs(), len(cfg.classes), "decode", head.ignore_index, head.align_corners)
-    if len(losses.logged_only()) == len(losses.losses):
-        raise ConfigError(
-            "no loss is named 'loss_*', so nothing would be trained; name at least one loss loss_<something>",
-            key="model.decode_head.loss_decode",
-        )
+    for prefix, name in (("decode", "decode_head"), ("aux", "auxiliary_head")):
+        head = getattr(cfg.model, name)
+        if head is not None and not build_head_losses(head, len(cfg.classes), prefix, f"model.{name}").trains():
+            raise ConfigError(
+                "no loss is named 'loss_*', so this head would get no gradient; name at least one loss "
+                "loss_<something>",
+                key=f"model.{name}.loss_decode",
+            )
     model = build_empty_model(cfg.model, cfg.classes)
     constructor = build_constructor(cfg.optimizer)
     if model is not None and hasattr(constructor, "param_groups"):
@@ -229,9 +249,9 @@ def validate_train_config(cfg: Config) -> TrainConfig:
                 raise ConfigError(
                     f"the val set's classes {val_classes} differ from the training set's {classes}", key="data.val"
                 )
-        from seg_accel.models.builder import check_num_labels
+        from seg_accel.models.builder import check_model_against_data
 
-        check_num_labels(train_cfg.model, classes, "model")
+        check_model_against_data(train_cfg.model, classes, "model")
         train_cfg.classes = classes
         _dry_build(train_cfg)
     return train_cfg

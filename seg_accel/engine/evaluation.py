@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from seg_accel.losses.head import resize_logits
+from seg_accel.losses.head import predict, resize_logits
 from seg_accel.metrics import confusion_matrix
 from seg_accel.models.builder import segmentation_logits
 
@@ -26,6 +26,7 @@ def collect_confusion(
     device: torch.device | str = "cpu",
     autocast: Any = None,
     show_progress: bool = False,
+    threshold: float | None = None,
 ) -> torch.Tensor:
     """This process's confusion matrix over its shard of ``loader`` (whole-image inference,
     logits resized to each original label size)."""
@@ -39,7 +40,7 @@ def collect_confusion(
             labels = batch["labels"].to(device, non_blocking=True)
             with ctx():
                 logits = segmentation_logits(model, pixel_values)
-            pred = resize_logits(logits.float(), labels.shape[-2:], align_corners).argmax(1)
+            pred = predict(resize_logits(logits.float(), labels.shape[-2:], align_corners), threshold)
             cm += confusion_matrix(pred, labels, num_classes, ignore_index)
     finally:
         model.train(was_training)

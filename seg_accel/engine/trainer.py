@@ -24,9 +24,14 @@ from seg_accel.config.schema import TrainConfig
 from seg_accel.data import build_dataset, build_train_loader, build_val_loader
 from seg_accel.engine.evaluation import collect_confusion
 from seg_accel.engine.log import IntervalMeter, JsonLog, format_eta, setup_logging
-from seg_accel.losses.head import HeadLosses
+from seg_accel.losses.head import build_head_losses
 from seg_accel.metrics import format_summary, format_table, metrics_from_confusion
-from seg_accel.models.builder import build_model, needs_unused_parameter_search, segmentation_logits
+from seg_accel.models.builder import (
+    AuxiliaryCapture,
+    build_model,
+    needs_unused_parameter_search,
+    segmentation_logits,
+)
 from seg_accel.optim import build_constructor, build_lr_scheduler, build_momentum_scheduler, param_group_table
 from seg_accel.optim.schedules import ParamScheduler
 
@@ -76,10 +81,12 @@ class Trainer:
         set_seed(cfg.seed)
 
         self.classes = list(cfg.classes)
-        head = cfg.model.decode_head
-        self.decode_losses = HeadLosses(
-            head.loss_cfgs(), len(self.classes), "decode", head.ignore_index, head.align_corners
-        ).to(acc.device)
+        self.head_losses = [build_head_losses(cfg.model.decode_head, len(self.classes), "decode", "model.decode_head")]
+        if cfg.model.auxiliary_head is not None:
+            self.head_losses.append(
+                build_head_losses(cfg.model.auxiliary_head, len(self.classes), "aux", "model.auxiliary_head"))
+        for losses in self.head_losses:
+            losses.to(acc.device)
 
         train_set = build_dataset(cfg.data.train, "data.train")
         self.val_set = None
@@ -99,8 +106,11 @@ class Trainer:
             )
 
         model = build_model(cfg.model, self.classes)
+        self.aux_capture = AuxiliaryCapture(model) if len(self.head_losses) > 1 else None
         find_unused = cfg.find_unused_parameters
-        self.ddp_kwargs.find_unused_parameters = needs_unused_parameter_search(model) if find_unused is None else find_unused
+        if find_unused is None:
+            find_unused = needs_unused_parameter_search(model, aux_trained=self.aux_capture is not None)
+        self.ddp_kwargs.find_unused_parameters = find_unused
         constructor = build_constructor(cfg.optimizer)
         optimizer = constructor(model)
         group_table = param_group_table(model, optimizer, getattr(constructor, "notes", None))
@@ -135,7 +145,7 @@ class Trainer:
         )
         if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
             logger.warning("fp16 mixed precision needs a GPU; on the CPU Accelerate trains in fp32 (bf16 works on CPUs)")
-        logged_only = self.decode_losses.logged_only()
+        logged_only = [name for losses in self.head_losses for name in losses.logged_only()]
         if logged_only:
             logger.info("logged, not trained on (name does not start with 'loss_'): %s", ", ".join(logged_only))
         if self.ddp_kwargs.find_unused_parameters and acc.num_processes > 1:
@@ -175,6 +185,17 @@ class Trainer:
         device = self.accelerator.device
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, waited
 
+    def compute_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The forward pass and every head's losses: (total to backpropagate, values to log)."""
+        logits = segmentation_logits(self.model, batch["pixel_values"])
+        outputs = [logits] if self.aux_capture is None else [logits, self.aux_capture.pop()]
+        total, logs = 0.0, {}
+        for losses, head_logits in zip(self.head_losses, outputs):
+            loss, head_logs = losses(head_logits, batch["labels"])
+            total = total + loss
+            logs.update(head_logs)
+        return total, logs
+
     def train_step(self, data_iter: Any) -> dict[str, Any]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         acc = self.accelerator
@@ -188,8 +209,7 @@ class Trainer:
             batch, waited = self._batch(data_iter)
             logs["data_time"] += waited
             with acc.accumulate(self.model):
-                logits = segmentation_logits(self.model, batch["pixel_values"])
-                loss, head_logs = self.decode_losses(logits, batch["labels"])
+                loss, head_logs = self.compute_losses(batch)
                 acc.backward(loss)
                 if acc.sync_gradients and self.grad_clip is not None:
                     logs["grad_norm"] = acc.clip_grad_norm_(
@@ -240,6 +260,7 @@ class Trainer:
         cm = collect_confusion(
             acc.unwrap_model(self.model), self.val_loader, len(self.classes), head.ignore_index,
             head.align_corners, acc.device, autocast=acc.autocast, show_progress=acc.is_main_process,
+            threshold=head.threshold,
         )
         if acc.num_processes > 1:
             cm = acc.reduce(cm, reduction="sum")

@@ -7,53 +7,65 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seg_accel.losses.utils import load_class_weight, one_hot, reduce_pixel_loss, valid_mask
 from seg_accel.registry import LOSSES
-
-
-def reduce_pixel_loss(
-    loss_nhw: torch.Tensor,
-    valid_nhw: torch.Tensor,
-    reduction: str,
-    avg_non_ignore: bool,
-) -> torch.Tensor:
-    """'mean' divides by all pixels (N*H*W) or, with ``avg_non_ignore``, by the non-ignored ones."""
-    if reduction == "none":
-        return loss_nhw
-    if reduction == "sum":
-        return loss_nhw.sum()
-    denom = valid_nhw.sum().clamp_min(1) if avg_non_ignore else loss_nhw.numel()
-    return loss_nhw.sum() / denom
 
 
 @LOSSES.register()
 class CrossEntropyLoss(nn.Module):
-    """Per pixel ``w[y] * -log softmax(z)[y]``, 0 on ignored pixels, times ``loss_weight``.
+    """Softmax: per pixel ``w[y] * -log softmax(z)[y]``, 0 on ignored pixels.
+    Sigmoid (``use_sigmoid``): binary CE of each channel against the one-hot target,
+    ``class_weight[c]`` weighting channel ``c``; a 1-channel head (two classes) takes
+    labels 0/1 and weights pixels by ``class_weight[y]``.
 
-    ``ignore_index`` defaults to the head's (``model.decode_head.ignore_index``).
+    ``mean`` divides by all pixels (x channels for sigmoid), or by the non-ignored ones
+    with ``avg_non_ignore``. Times ``loss_weight``. ``ignore_index: null`` uses the head's.
     """
 
     def __init__(
         self,
+        use_sigmoid: bool = False,
         reduction: Literal["none", "mean", "sum"] = "mean",
-        class_weight: list[float] | None = None,
+        class_weight: list[float] | str | None = None,
         loss_weight: float = 1.0,
         loss_name: str = "loss_ce",
         avg_non_ignore: bool = False,
         ignore_index: int | None = None,
     ):
         super().__init__()
+        self.use_sigmoid = use_sigmoid
         self.reduction = reduction
         self.loss_weight = float(loss_weight)
+        self.loss_name = loss_name
         self.avg_non_ignore = avg_non_ignore
         self.ignore_index = ignore_index
-        self._loss_name = loss_name
-        self.class_weight = None if class_weight is None else [float(w) for w in class_weight]
-        weight = None if class_weight is None else torch.tensor(self.class_weight, dtype=torch.float32)
+        self.class_weight = load_class_weight(class_weight)
+        weight = None if self.class_weight is None else torch.tensor(self.class_weight, dtype=torch.float32)
         self.register_buffer("weight", weight, persistent=False)
 
-    @property
-    def loss_name(self) -> str:
-        return self._loss_name
+    def _ignore(self, ignore_index: int) -> int:
+        return self.ignore_index if self.ignore_index is not None else ignore_index
+
+    def pixel_loss(self, logits_nchw: torch.Tensor, labels_nhw: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+        """The unreduced loss of each pixel ``(N, H, W)`` (0 on ignored pixels), before ``loss_weight``."""
+        ignore = self._ignore(ignore_index)
+        if not self.use_sigmoid:
+            weight = None if self.weight is None else self.weight.to(logits_nchw.dtype)
+            return F.cross_entropy(logits_nchw, labels_nhw, weight=weight, reduction="none", ignore_index=ignore)
+        mask = valid_mask(labels_nhw, ignore)
+        if logits_nchw.shape[1] == 1:
+            labels = torch.where(labels_nhw == ignore, torch.zeros_like(labels_nhw), labels_nhw)
+            if labels.numel() and labels.max() > 1:
+                raise ValueError("a 1-channel sigmoid head takes labels 0 and 1 only (two classes)")
+            loss = F.binary_cross_entropy_with_logits(logits_nchw[:, 0], labels.to(logits_nchw.dtype), reduction="none")
+            if self.weight is not None:
+                loss = loss * self.weight.to(loss.dtype)[labels]
+            return loss * mask
+        target = one_hot(labels_nhw, logits_nchw.shape[1], ignore)
+        loss = F.binary_cross_entropy_with_logits(logits_nchw, target, reduction="none")
+        if self.weight is not None:
+            loss = loss * self.weight.to(loss.dtype).view(1, -1, 1, 1)
+        return (loss * mask.unsqueeze(1)).sum(1)
 
     def forward(
         self,
@@ -62,10 +74,13 @@ class CrossEntropyLoss(nn.Module):
         pixel_weight_nhw: torch.Tensor | None = None,
         ignore_index: int = 255,
     ) -> torch.Tensor:
-        ignore = self.ignore_index if self.ignore_index is not None else ignore_index
-        weight = None if self.weight is None else self.weight.to(logits_nchw.dtype)
-        loss = F.cross_entropy(logits_nchw, labels_nhw, weight=weight, reduction="none", ignore_index=ignore)
+        ignore = self._ignore(ignore_index)
+        loss = self.pixel_loss(logits_nchw, labels_nhw, ignore_index)
         if pixel_weight_nhw is not None:
             loss = loss * pixel_weight_nhw
-        loss = reduce_pixel_loss(loss, labels_nhw != ignore, self.reduction, self.avg_non_ignore)
-        return self.loss_weight * loss
+        channels = logits_nchw.shape[1] if self.use_sigmoid else 1  # sigmoid: a mean over every channel
+        if self.avg_non_ignore:
+            denominator = (labels_nhw != ignore).sum() * channels
+        else:
+            denominator = loss.numel() * channels
+        return self.loss_weight * reduce_pixel_loss(loss, self.reduction, denominator)

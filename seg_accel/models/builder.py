@@ -125,14 +125,32 @@ def _instantiate(model_cls: Any, config: Any) -> Any:
     return _auto_class().from_config(config) if model_cls is _auto_class() else model_cls(config)
 
 
-def check_num_labels(model_cfg: ModelConfig, classes: list[str], key: str = "model") -> None:
-    """``num_labels``/``id2label`` in the model config must agree with the data's class names."""
+def check_model_against_data(model_cfg: ModelConfig, classes: list[str], key: str = "model") -> None:
+    """The model section must agree with the data's class names and with the heads it configures."""
     n = len(classes)
-    num_labels = model_cfg.config.get("num_labels")
-    if num_labels is not None and num_labels != n:
+    head = model_cfg.decode_head
+    outputs = head.out_channels or n
+    if head.out_channels is not None and head.out_channels not in (1, n):
         raise ConfigError(
-            f"num_labels is {num_labels} but the data defines {n} classes ({', '.join(classes)}); "
-            "remove num_labels (it is taken from the data) or fix the class names",
+            f"must be the number of classes ({n}) or 1 (a binary sigmoid head), got {head.out_channels}",
+            key=f"{key}.decode_head.out_channels",
+        )
+    if outputs == 1:
+        if n != 2:
+            raise ConfigError(
+                f"one output channel (use_sigmoid) needs exactly 2 classes; the data has {n} ({', '.join(classes)})",
+                key=f"{key}.decode_head.out_channels",
+            )
+        for i, loss in enumerate(head.loss_cfgs()):
+            if loss.get("type") != "CrossEntropyLoss" or not loss.get("use_sigmoid", False):
+                item = f"{key}.decode_head.loss_decode" + (f".{i}" if isinstance(head.loss_decode, list) else "")
+                raise ConfigError("a 1-channel head needs CrossEntropyLoss with use_sigmoid: true", key=item)
+    num_labels = model_cfg.config.get("num_labels")
+    if num_labels is not None and num_labels != outputs:
+        hint = ("; for one sigmoid channel set model.decode_head.out_channels: 1" if num_labels == 1 and n == 2
+                else "; remove num_labels (it is taken from the data) or fix the class names")
+        raise ConfigError(
+            f"num_labels is {num_labels} but the data defines {n} classes ({', '.join(classes)}){hint}",
             key=f"{key}.config.num_labels",
         )
     id2label = model_cfg.config.get("id2label")
@@ -143,25 +161,42 @@ def check_num_labels(model_cfg: ModelConfig, classes: list[str], key: str = "mod
                 f"id2label {id2label} disagrees with the data's classes {classes}; remove it (it is taken from the data)",
                 key=f"{key}.config.id2label",
             )
+    model_cls = resolve_model_class(model_cfg.type, f"{key}.type")
+    config_cls = _config_class(model_cls, model_cfg.config, key)
+    if config_cls is None:  # a pretrained Auto model: known once loaded
+        return
+    has_aux = "use_auxiliary_head" in _allowed_config_keys(config_cls)[0]
+    switch = model_cfg.config.get("use_auxiliary_head")
+    if model_cfg.auxiliary_head is not None and not has_aux:
+        raise ConfigError(f"{model_cls.__name__} has no auxiliary head; remove auxiliary_head",
+                          key=f"{key}.auxiliary_head")
+    if switch is True and model_cfg.auxiliary_head is None:
+        raise ConfigError("the auxiliary head would get no loss: configure model.auxiliary_head (its losses) "
+                          "or remove use_auxiliary_head", key=f"{key}.config.use_auxiliary_head")
+    if switch is False and model_cfg.auxiliary_head is not None:
+        raise ConfigError("contradicts model.auxiliary_head; remove one of them", key=f"{key}.config.use_auxiliary_head")
 
 
-def _label_maps(classes: list[str]) -> tuple[dict[int, str], dict[str, int]]:
-    id2label = {i: name for i, name in enumerate(classes)}
+def _label_maps(classes: list[str], outputs: int) -> tuple[dict[int, str], dict[str, int]]:
+    """One label per output channel; a 1-channel binary head's channel is the second class."""
+    names = classes if outputs == len(classes) else classes[1:]
+    id2label = {i: name for i, name in enumerate(names)}
     return id2label, {name: i for i, name in id2label.items()}
 
 
 def _model_kwargs(model_cfg: ModelConfig, classes: list[str], key: str) -> tuple[Any, Any, dict]:
     """(model class, config class or None, config kwargs with the data's labels)."""
     model_cls = resolve_model_class(model_cfg.type, f"{key}.type")
-    id2label, label2id = _label_maps(classes)
+    outputs = model_cfg.decode_head.out_channels or len(classes)
+    id2label, label2id = _label_maps(classes, outputs)
     kwargs = dict(model_cfg.config)
-    kwargs.update(num_labels=len(classes), id2label=id2label, label2id=label2id)
+    kwargs.update(num_labels=outputs, id2label=id2label, label2id=label2id)
     model_type = kwargs.pop("model_type", None)
     config_cls = _config_class(model_cls, {"model_type": model_type}, key)
     if config_cls is not None and "use_auxiliary_head" in _allowed_config_keys(config_cls)[0]:
-        # Our losses take the decode head's logits only; an auxiliary head nobody
-        # trains would leave parameters without gradients under DDP.
-        kwargs.setdefault("use_auxiliary_head", False)
+        # The auxiliary head exists exactly when model.auxiliary_head gives it losses: one
+        # nobody trains would leave parameters without gradients under DDP.
+        kwargs["use_auxiliary_head"] = model_cfg.auxiliary_head is not None
     return model_cls, config_cls, kwargs
 
 
@@ -205,15 +240,38 @@ def build_empty_model(model_cfg: ModelConfig, classes: list[str], key: str = "mo
         ) from exc
 
 
-def needs_unused_parameter_search(model: Any) -> bool:
+def needs_unused_parameter_search(model: Any, aux_trained: bool = False) -> bool:
     """Whether DDP must run with ``find_unused_parameters=True`` for this model."""
     config = getattr(model, "config", None)
     if config is None:
         return False
     if getattr(config, "model_type", None) in _UNUSED_PARAMETER_MODEL_TYPES:
         return True
-    # An auxiliary head switched on in model.config gets no loss until auxiliary_head is configured.
-    return bool(getattr(config, "use_auxiliary_head", False))
+    # an auxiliary head (e.g. of a pretrained Auto model) that gets no loss
+    return getattr(model, "auxiliary_head", None) is not None and not aux_trained
+
+
+class AuxiliaryCapture:
+    """Keeps the training-time output of ``model.auxiliary_head`` (transformers 5 returns no
+    auxiliary logits from the forward), through a forward hook on the unwrapped model."""
+
+    def __init__(self, model: Any):
+        head = getattr(model, "auxiliary_head", None)
+        if head is None:
+            raise ConfigError(f"{type(model).__name__} has no auxiliary head; remove auxiliary_head",
+                              key="model.auxiliary_head")
+        self.output = None
+        head.register_forward_hook(self._keep)
+
+    def _keep(self, module: Any, inputs: Any, output: Any) -> None:
+        if module.training:  # evaluation never reads it: do not hold on to its memory
+            self.output = output
+
+    def pop(self) -> Any:
+        output, self.output = self.output, None
+        if output is None:
+            raise RuntimeError("the auxiliary head did not run in this forward pass")
+        return output
 
 
 def segmentation_logits(model: Any, pixel_values: Any) -> Any:

@@ -1,0 +1,52 @@
+"""Dice loss (SPEC section 5), with ignored pixels masked everywhere."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seg_accel.losses.utils import load_class_weight, one_hot, valid_mask
+from seg_accel.registry import LOSSES
+
+
+@LOSSES.register()
+class DiceLoss(nn.Module):
+    """``P = softmax(z)``, ``Y`` one-hot, ``m`` = not ignored (times the sampler's weight);
+    per class ``i`` and image ``n``:
+    ``d = 1 - (2 * sum(P*Y*m) + smooth) / (sum(P**e * m) + sum(Y**e * m) + smooth)``;
+    mean over images, times ``class_weight[i]``; mean over classes, times ``loss_weight``.
+    (MMSegmentation 0.x counts ignored pixels in the denominator; we do not.)"""
+
+    def __init__(
+        self,
+        smooth: float = 1.0,
+        exponent: float = 2.0,
+        loss_weight: float = 1.0,
+        class_weight: list[float] | str | None = None,
+        ignore_index: int | None = None,
+        loss_name: str = "loss_dice",
+    ):
+        super().__init__()
+        self.smooth, self.exponent = smooth, exponent
+        self.loss_weight = float(loss_weight)
+        self.class_weight = load_class_weight(class_weight)
+        self.ignore_index = ignore_index
+        self.loss_name = loss_name
+
+    def forward(
+        self,
+        logits_nchw: torch.Tensor,
+        labels_nhw: torch.Tensor,
+        pixel_weight_nhw: torch.Tensor | None = None,
+        ignore_index: int = 255,
+    ) -> torch.Tensor:
+        ignore = self.ignore_index if self.ignore_index is not None else ignore_index
+        probs = logits_nchw.float().softmax(1)
+        target = one_hot(labels_nhw, probs.shape[1], ignore)
+        mask = valid_mask(labels_nhw, ignore, pixel_weight_nhw).unsqueeze(1)
+        inter = (probs * target * mask).flatten(2).sum(2)
+        denom = (probs.pow(self.exponent) * mask).flatten(2).sum(2) + (target.pow(self.exponent) * mask).flatten(2).sum(2)
+        dice = 1 - (2 * inter + self.smooth) / (denom + self.smooth)  # (N, C)
+        per_class = dice.mean(0)
+        if self.class_weight is not None:
+            per_class = per_class * torch.tensor(self.class_weight, dtype=per_class.dtype, device=per_class.device)
+        return self.loss_weight * per_class.mean()

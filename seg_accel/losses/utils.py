@@ -1,0 +1,67 @@
+"""Helpers shared by the losses: class weights from lists or files, reductions, masks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from seg_accel.errors import ConfigError
+
+
+
+def load_class_weight(value: list[float] | str | None, key: str = "class_weight") -> list[float] | None:
+    """A list of floats, or a path (relative to the working directory) to a ``.npy``,
+    ``.json`` or ``.yaml`` file holding the list (or a mapping with a ``class_weight``
+    list, as ``scripts/class_weights.py`` writes)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"class weight file not found: {path}", key=key)
+    try:
+        if path.suffix == ".npy":
+            import numpy as np
+
+            data = np.load(path).tolist()
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text())
+        else:
+            raise ConfigError(f"class weight files are .npy, .json or .yaml, got {path.name}", key=key)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read class weights from {path}: {exc}", key=key) from exc
+    if isinstance(data, dict):
+        data = data.get("class_weight")
+    if not isinstance(data, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data):
+        raise ConfigError(f"{path} does not hold a list of numbers (or a 'class_weight' list)", key=key)
+    return [float(v) for v in data]
+
+
+def reduce_pixel_loss(loss: torch.Tensor, reduction: str, denominator: torch.Tensor | float) -> torch.Tensor:
+    """'none' as is, 'sum', or 'mean' = sum / denominator."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if torch.is_tensor(denominator):
+        denominator = denominator.clamp_min(1)
+    return loss.sum() / denominator
+
+
+def valid_mask(labels_nhw: torch.Tensor, ignore_index: int, pixel_weight_nhw: torch.Tensor | None = None) -> torch.Tensor:
+    """1 where a pixel counts (not ignored; times the sampler's weight when given)."""
+    mask = (labels_nhw != ignore_index).to(torch.float32)
+    return mask if pixel_weight_nhw is None else mask * pixel_weight_nhw
+
+
+def one_hot(labels_nhw: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """(N, C, H, W) float one-hot; ignored pixels are all zeros."""
+    safe = torch.where(labels_nhw == ignore_index, torch.zeros_like(labels_nhw), labels_nhw)
+    hot = torch.nn.functional.one_hot(safe, num_classes).permute(0, 3, 1, 2).to(torch.float32)
+    return hot * (labels_nhw != ignore_index).unsqueeze(1)
