@@ -222,3 +222,16 @@ def test_collate_refuses_mixed_sizes_with_advice():
     assert collate([a, a])["pixel_values"].shape == (2, 3, 4, 4)
     with pytest.raises(ValueError, match="samples_per_gpu: 1"):
         collate([a, b])
+
+
+def test_custom_dataset_searches_sub_folders_like_cityscapes(tmp_path):
+    for city, name in (("aachen", "aachen_000000_000019"), ("bremen", "bremen_000001_000019")):
+        (tmp_path / "leftImg8bit/train" / city).mkdir(parents=True)
+        (tmp_path / "gtFine/train" / city).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / f"leftImg8bit/train/{city}/{name}_leftImg8bit.png")
+        Image.fromarray(np.ones((4, 6), np.uint8)).save(tmp_path / f"gtFine/train/{city}/{name}_gtFine_labelTrainIds.png")
+    ds = build_dataset({"type": "CustomDataset", "data_root": str(tmp_path), "img_dir": "leftImg8bit/train",
+                        "ann_dir": "gtFine/train", "img_suffix": "_leftImg8bit.png",
+                        "seg_map_suffix": "_gtFine_labelTrainIds.png", "classes": ["a", "b"]}, "data.train")
+    assert ds.names == ["aachen/aachen_000000_000019", "bremen/bremen_000001_000019"]
+    assert ds.load(1)[1].shape == (4, 6)

@@ -296,6 +296,7 @@ def apply_option(cfg: dict, key: str, value: Any, origins: dict[str, str]) -> No
             else:
                 if part not in node or node[part] is None:
                     node[part] = {}
+                    origins[".".join([*walked, part])] = CFG_OPTIONS  # a mapping the option created
                 node = node[part]
         else:
             raise ConfigError(

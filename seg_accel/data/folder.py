@@ -27,7 +27,8 @@ def _root(data_root: str | None, sub: str) -> Path:
 @DATASETS.register()
 class CustomDataset(SegDataset):
     """Images in ``img_dir`` and label maps in ``ann_dir`` (relative to ``data_root``),
-    paired by file name: ``<name><img_suffix>`` with ``<name><seg_map_suffix>``.
+    paired by file name: ``<name><img_suffix>`` with ``<name><seg_map_suffix>``, ``name``
+    being the path below ``img_dir`` (sub-folders are searched).
 
     ``split``: optional text file listing the samples to use, one per line (a name,
     a file name or a path; only the base name of the first word counts, so
@@ -69,8 +70,11 @@ class CustomDataset(SegDataset):
                 if line.strip():
                     base = Path(line.split()[0]).name
                     names.append(base[: -len(img_suffix)] if base.endswith(img_suffix) else base)
-        else:
-            names = sorted(p.name[: -len(img_suffix)] for p in self.img_dir.iterdir() if p.name.endswith(img_suffix))
+        else:  # recursively, as MMSegmentation scans (Cityscapes keeps one folder per city)
+            names = sorted(
+                str(p.relative_to(self.img_dir))[: -len(img_suffix)]
+                for p in self.img_dir.rglob(f"*{img_suffix}") if p.is_file()
+            )
         if not names:
             raise ConfigError(f"no '*{img_suffix}' images found in {self.img_dir}", key="img_dir")
         self.names = names
