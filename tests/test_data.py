@@ -77,7 +77,8 @@ def test_custom_dataset_pairs_split_and_label_map(tmp_path):
     img, label = ds.load(0)
     assert img.shape == (10, 12, 3) and set(np.unique(label)) == {0, 255}
     ds_all = build_dataset({"type": "CustomDataset", "data_root": str(tmp_path), "img_dir": "img", "ann_dir": "ann",
-                            "img_suffix": ".png", "classes": ["x", "y"], "reduce_zero_label": True}, "data.train")
+                            "img_suffix": ".png", "classes": [f"c{i}" for i in range(11)], "reduce_zero_label": True},
+                           "data.train")
     assert ds_all.names == ["a", "b", "c"]
     assert set(np.unique(ds_all.load(0)[1])) == {255, 10}  # 0 -> 255, 11 -> 10
 
@@ -95,7 +96,7 @@ def test_custom_dataset_errors_name_the_file(tmp_path):
     _write_pair(tmp_path, "bad", label_size=(5, 5))
     ds = build_dataset({"type": "CustomDataset", "data_root": str(tmp_path), "img_dir": "img", "ann_dir": "ann",
                         "img_suffix": ".png", "classes": ["x", "y"]}, "data.train")
-    with pytest.raises(DataError, match="bad.png.*is \\(5, 5\\)"):
+    with pytest.raises(DataError, match="bad.png.*label is 5x5 \\(w x h\\) but the image is 12x10"):
         ds.load(ds.names.index("bad"))
     (tmp_path / "img" / "lonely.png").write_bytes(b"not a png")
     ds = build_dataset({"type": "CustomDataset", "data_root": str(tmp_path), "img_dir": "img", "ann_dir": "ann",

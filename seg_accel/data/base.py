@@ -1,4 +1,4 @@
-"""The dataset base class: load a sample, run the pipeline, hand tensors to the loader."""
+"""The dataset base class: read a sample, check it, run the pipeline, hand tensors to the loader."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,25 +8,62 @@ import torch
 from torch.utils.data import Dataset
 
 from seg_accel.data.transforms import build_pipeline
+from seg_accel.errors import ConfigError, DataError
+
+
+def label_lookup(label_map: dict[int, int] | None, reduce_zero_label: bool) -> np.ndarray | None:
+    """A 256-entry table applying ``label_map`` then ``reduce_zero_label`` (0 -> 255, c -> c - 1)."""
+    if not label_map and not reduce_zero_label:
+        return None
+    lut = np.arange(256, dtype=np.int64)
+    for src, dst in (label_map or {}).items():
+        if not (0 <= int(src) < 256 and 0 <= int(dst) < 256):
+            raise ConfigError(f"label_map values must be in 0..255, got {src}: {dst}", key="label_map")
+        lut[int(src)] = int(dst)
+    if reduce_zero_label:
+        lut = np.where(lut == 0, 255, lut - 1)
+        lut[255] = 255
+    return lut
 
 
 class SegDataset(Dataset):
     """Base of all segmentation datasets.
 
-    Subclasses implement ``__len__``, ``load(index) -> (img_hwc_uint8_rgb, label_hw)``
-    and the classmethod ``resolve_classes(**kwargs)`` (class names from the config
-    alone, so the config can be validated before any data is read).
+    Subclasses implement ``__len__``, ``read(index) -> (img_hwc_uint8_rgb, label_hw)``,
+    ``describe(index)`` (where the sample comes from: file or row) and the classmethod
+    ``resolve_classes(**kwargs)`` (class names from the config alone, so that the config
+    can be validated before any data is read).
 
-    An item is addressed by ``index`` or ``(index, seed)``; the seed drives the
-    sample's random augmentations. With ``test_mode`` the returned ``labels`` are
-    the original ones (metrics are computed at the original resolution).
+    ``load(index)`` checks every sample: an image or label that does not decode or is
+    missing, a label whose size differs from its image, a label value that is neither
+    a class id nor ``ignore_index``. By default a bad sample is an error naming the
+    dataset, index and file; with ``skip_bad_samples`` it is replaced by the next good
+    one and reported in the batch's ``skipped`` list.
+
+    An item is addressed by ``index`` or ``(index, seed)``; the seed drives the sample's
+    random augmentations. With ``test_mode`` the returned ``labels`` are the original
+    ones (metrics are computed at the original resolution).
     """
 
     test_mode: bool = False
+    ignore_index: int = 255  # the head's; set by the trainer
+    skip_bad_samples: bool = False  # data.skip_bad_samples; set by the trainer
+    key: str = "data"  # the config key, for messages ("data.train")
 
-    def __init__(self, pipeline: list[dict] | None = None, classes: list[str] | None = None):
+    def __init__(
+        self,
+        pipeline: list[dict] | None = None,
+        classes: list[str] | None = None,
+        label_map: dict[int, int] | None = None,
+        reduce_zero_label: bool = False,
+        palette: list[list[int]] | None = None,
+    ):
         self.transforms = build_pipeline(pipeline, "pipeline")
         self.classes = list(classes) if classes is not None else list(self.resolve_classes())
+        self.label_lut = label_lookup(label_map, reduce_zero_label)
+        if palette is not None and (len(palette) != len(self.classes) or any(len(c) != 3 for c in palette)):
+            raise ConfigError(f"needs one [r, g, b] per class ({len(self.classes)}), got {palette}", key="palette")
+        self.palette = palette
 
     @classmethod
     def resolve_classes(cls, **kwargs: Any) -> list[str]:
@@ -35,16 +72,48 @@ class SegDataset(Dataset):
     def __len__(self) -> int:
         raise NotImplementedError(f"{type(self).__name__} must implement __len__")
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError(f"{type(self).__name__} must implement load")
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError(f"{type(self).__name__} must implement read")
 
     def describe(self, index: int) -> str:
         """Where sample ``index`` comes from, for error messages."""
         return f"{type(self).__name__}[{index}]"
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        img, label = self.load(index)
+    def where(self, index: int) -> str:
+        return f"{self.key} ({self.describe(index)}), index {index}"
+
+    def check(self, index: int, img: np.ndarray, label: np.ndarray) -> np.ndarray:
+        """The checked label map (after ``label_map``/``reduce_zero_label``)."""
+        if label.ndim != 2:
+            raise DataError(f"{self.where(index)}: the label has {label.ndim} dimensions; expected one channel")
+        if img.ndim != 3 or img.shape[:2] != label.shape:
+            raise DataError(
+                f"{self.where(index)}: the label is {label.shape[1]}x{label.shape[0]} (w x h) but the image is "
+                f"{img.shape[1]}x{img.shape[0]}"
+            )
+        if self.label_lut is not None:
+            label = self.label_lut[label]
+        values = np.unique(label)
+        bad = values[(values >= len(self.classes)) & (values != self.ignore_index)]
+        if bad.size:
+            raise DataError(
+                f"{self.where(index)}: label values {bad[:10].tolist()} are neither a class id "
+                f"(0..{len(self.classes) - 1}) nor ignore_index ({self.ignore_index})"
+            )
+        return label
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The checked image and label of sample ``index``; a bad sample raises DataError."""
+        try:
+            img, label = self.read(index)
+        except DataError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable, missing, undecodable
+            raise DataError(f"{self.where(index)}: cannot read it: {type(exc).__name__}: {exc}") from exc
+        return img, self.check(index, img, label)
+
+    def prepare(self, index: int, img: np.ndarray, label: np.ndarray, seed: int | None) -> dict[str, Any]:
+        """Run the pipeline on a checked sample."""
         results = {
             "img": torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float(),
             "gt_seg_map": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
@@ -58,3 +127,22 @@ class SegDataset(Dataset):
             "labels": original_label if self.test_mode else results["gt_seg_map"].contiguous(),
             "index": index,
         }
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        skipped: list[str] = []
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            try:
+                img, label = self.load(candidate)
+            except DataError as exc:
+                if not self.skip_bad_samples:
+                    raise
+                skipped.append(str(exc))
+                continue
+            sample = self.prepare(candidate, img, label, seed)
+            if skipped and self.test_mode:  # evaluation: the stand-in must not be counted
+                sample["labels"] = torch.full_like(sample["labels"], self.ignore_index)
+            sample["skipped"] = skipped
+            return sample
+        raise DataError(f"{self.key}: every sample is bad ({len(skipped)} tried); the last: {skipped[-1]}")

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from seg_accel.data.base import SegDataset
-from seg_accel.errors import ConfigError, DataError
+from seg_accel.errors import ConfigError
 from seg_accel.registry import DATASETS
 
 
@@ -49,15 +49,15 @@ class CustomDataset(SegDataset):
         classes: list[str] | None = None,
         label_map: dict[int, int] | None = None,
         reduce_zero_label: bool = False,
+        palette: list[list[int]] | None = None,
         pipeline: list[dict] | None = None,
     ):
-        super().__init__(pipeline, self.resolve_classes(data_root=data_root, classes=classes))
+        super().__init__(pipeline, self.resolve_classes(data_root=data_root, classes=classes), label_map,
+                         reduce_zero_label, palette)
         self.img_dir = _root(data_root, img_dir)
         self.ann_dir = _root(data_root, ann_dir)
         self.img_suffix = img_suffix
         self.seg_map_suffix = seg_map_suffix
-        self.reduce_zero_label = reduce_zero_label
-        self.label_lut = self._lookup_table(label_map)
         for name, path in (("img_dir", self.img_dir), ("ann_dir", self.ann_dir)):
             if not path.is_dir():
                 raise ConfigError(f"directory not found: {path}", key=name)
@@ -97,17 +97,6 @@ class CustomDataset(SegDataset):
             key="classes",
         )
 
-    def _lookup_table(self, label_map: dict[int, int] | None) -> np.ndarray | None:
-        if not label_map and not self.reduce_zero_label:
-            return None
-        lut = np.arange(256, dtype=np.int64)
-        for src, dst in (label_map or {}).items():
-            lut[int(src)] = int(dst)
-        if self.reduce_zero_label:
-            lut = np.where(lut == 0, 255, lut - 1)
-            lut[255] = 255
-        return lut
-
     def __len__(self) -> int:
         return len(self.names)
 
@@ -116,22 +105,10 @@ class CustomDataset(SegDataset):
         return self.img_dir / f"{name}{self.img_suffix}", self.ann_dir / f"{name}{self.seg_map_suffix}"
 
     def describe(self, index: int) -> str:
-        return f"CustomDataset({self.img_dir})[{index}] {self.paths(index)[0].name}"
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         img_path, ann_path = self.paths(index)
-        try:
-            img = np.array(Image.open(img_path).convert("RGB"))
-            label = np.array(Image.open(ann_path))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{self.describe(index)}: cannot read {exc}") from exc
-        if label.ndim != 2:
-            raise DataError(f"{self.describe(index)}: label {ann_path} has {label.ndim} dims, expected one channel")
-        if label.shape != img.shape[:2]:
-            raise DataError(
-                f"{self.describe(index)}: label {ann_path} is {label.shape[::-1]} (w, h) but the image is "
-                f"{img.shape[1::-1]}"
-            )
-        if self.label_lut is not None:
-            label = self.label_lut[label]
-        return img, label
+        return f"CustomDataset, image {img_path}, label {ann_path}"
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        img_path, ann_path = self.paths(index)
+        with Image.open(img_path) as img, Image.open(ann_path) as label:
+            return np.array(img.convert("RGB")), np.array(label)

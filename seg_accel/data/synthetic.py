@@ -124,7 +124,7 @@ class SyntheticShapes(SegDataset):
     def describe(self, index: int) -> str:
         return f"SyntheticShapes(seed={self.seed})[{index}]"
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"{self.describe(index)}: index out of range (num_samples={self.num_samples})")
         rng = np.random.default_rng([self.seed, index])
