@@ -255,7 +255,7 @@ LOSSES = Registry(
 )
 SAMPLERS = Registry("pixel sampler", builtin_modules=["seg_accel.losses.ohem"])
 TRANSFORMS = Registry("transform", builtin_modules=["seg_accel.data.transforms"])
-DATASETS = Registry("dataset", builtin_modules=["seg_accel.data.synthetic", "seg_accel.data.folder"])
+DATASETS = Registry("dataset", builtin_modules=["seg_accel.data.synthetic", "seg_accel.data.folder", "seg_accel.data.hub"])
 OPTIMIZERS = Registry(
     "optimizer", runtime_args=("params",), fallback=_torch_optimizer, extra_names=_torch_optimizer_names
 )

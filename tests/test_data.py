@@ -197,11 +197,12 @@ def test_infinite_sampler_shards_each_epoch_exactly_once():
     # global positions 0..19 are epochs 0 and 1: each epoch covers every index once
     merged = [None] * 30
     for r, stream in enumerate(streams):
-        for k, (idx, _) in enumerate(stream):
+        for k, (idx, _, epoch) in enumerate(stream):
             merged[r + k * world] = idx
+            assert epoch == (r + k * world) // size
     assert sorted(merged[:10]) == list(range(10)) and sorted(merged[10:20]) == list(range(10))
     assert merged[:10] != merged[10:20]  # reshuffled per epoch
-    seeds = [s for stream in streams for _, s in stream]
+    seeds = [s for stream in streams for _, s, _ in stream]
     assert len(set(seeds)) == len(seeds)  # every position has its own augmentation seed
 
 

@@ -44,7 +44,8 @@ def test_multi_loss_on_decode_and_auxiliary_heads(tmp_path, fresh_accelerate):
     assert model.auxiliary_head is not None and model.config.use_auxiliary_head
     seen = []
     model.auxiliary_head.register_forward_hook(lambda m, i, out: seen.append(out))
-    batch = {k: v.to(trainer.accelerator.device) for k, v in next(iter(trainer.train_loader)).items()}
+    batch = {k: v.to(trainer.accelerator.device) for k, v in next(iter(trainer.train_loader)).items()
+             if torch.is_tensor(v)}
     total, logs = trainer.compute_losses(batch)
     assert {"decode.loss_ce", "decode.loss_dice", "aux.loss_ce", "aux.loss_dice", "decode.acc_seg"} <= set(logs)
 

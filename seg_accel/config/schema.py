@@ -98,10 +98,14 @@ class DataConfig:
     workers_per_gpu: int = 2
     val: Annotated[dict | None, Spec(DATASETS)] = None
     val_dataloader: LoaderConfig = field(default_factory=lambda: LoaderConfig(samples_per_gpu=1))
+    shuffle: bool = True  # each epoch in a new order (seeded by `seed`)
+    shuffle_buffer_size: int = 1000  # streamed data: samples each worker shuffles among
+    skip_bad_samples: bool = False  # replace (and report) unreadable or invalid samples instead of stopping
 
     def validate(self, key: str) -> None:
         _positive(self.samples_per_gpu, f"{key}.samples_per_gpu")
         _positive(self.workers_per_gpu, f"{key}.workers_per_gpu", 0)
+        _positive(self.shuffle_buffer_size, f"{key}.shuffle_buffer_size")
 
     def val_batch_size(self) -> int:
         return self.val_dataloader.samples_per_gpu or 1

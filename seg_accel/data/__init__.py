@@ -6,9 +6,11 @@ from seg_accel.data.loader import InfiniteShardedSampler, ShardSampler, build_tr
 from seg_accel.registry import DATASETS
 
 
-def build_dataset(cfg: dict, key: str) -> SegDataset:
+def build_dataset(cfg: dict, key: str, ignore_index: int = 255, skip_bad_samples: bool = False) -> SegDataset:
     """Build ``data.train``/``data.val`` (``{type: ..., pipeline: [...], ...}``)."""
-    return DATASETS.build(cfg, key)
+    dataset = DATASETS.build(cfg, key)
+    dataset.key, dataset.ignore_index, dataset.skip_bad_samples = key, ignore_index, skip_bad_samples
+    return dataset
 
 
 __all__ = [

@@ -40,8 +40,8 @@ class SegDataset(Dataset):
     dataset, index and file; with ``skip_bad_samples`` it is replaced by the next good
     one and reported in the batch's ``skipped`` list.
 
-    An item is addressed by ``index`` or ``(index, seed)``; the seed drives the sample's
-    random augmentations. With ``test_mode`` the returned ``labels`` are the original
+    An item is addressed by ``index`` or ``(index, seed[, epoch])``; the seed drives the
+    sample's random augmentations. With ``test_mode`` the returned ``labels`` are the original
     ones (metrics are computed at the original resolution).
     """
 
@@ -128,8 +128,8 @@ class SegDataset(Dataset):
             "index": index,
         }
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, seed = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, key: int | tuple[int, int] | tuple[int, int, int]) -> dict[str, Any]:
+        index, seed, epoch = (*key, 0)[:3] if isinstance(key, tuple) else (key, None, 0)
         skipped: list[str] = []
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
@@ -143,6 +143,6 @@ class SegDataset(Dataset):
             sample = self.prepare(candidate, img, label, seed)
             if skipped and self.test_mode:  # evaluation: the stand-in must not be counted
                 sample["labels"] = torch.full_like(sample["labels"], self.ignore_index)
-            sample["skipped"] = skipped
+            sample.update(skipped=skipped, epoch=epoch)
             return sample
         raise DataError(f"{self.key}: every sample is bad ({len(skipped)} tried); the last: {skipped[-1]}")

@@ -33,8 +33,8 @@ def sample_seed(seed: int, position: int) -> int:
 
 
 class InfiniteShardedSampler(Sampler):
-    """An endless stream of ``(index, aug_seed)``: epochs of the dataset, each in a
-    new random order, concatenated; process ``rank`` takes global positions
+    """An endless stream of ``(index, aug_seed, epoch)``: epochs of the dataset, each in a
+    new random order (or in order without ``shuffle``), concatenated; process ``rank`` takes global positions
     ``rank, rank + world, ...``. Every sample is seen once per epoch across all
     processes, and every process always has a next sample.
     """
@@ -46,14 +46,14 @@ class InfiniteShardedSampler(Sampler):
         self.seed, self.shuffle = seed, shuffle
         self.start = start  # samples already consumed by this process (for resume)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         position = self.rank + self.start * self.world_size
         epoch, order = -1, None
         while True:
             if position // self.size != epoch:
                 epoch = position // self.size
                 order = epoch_order(self.size, self.seed, epoch, self.shuffle)
-            yield int(order[position % self.size]), sample_seed(self.seed, position)
+            yield int(order[position % self.size]), sample_seed(self.seed, position), epoch
             position += self.world_size
 
 
@@ -72,6 +72,8 @@ class ShardSampler(Sampler):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tensors stacked; ``epochs`` per sample, ``repeats`` (count) and ``skipped`` (bad samples'
+    reasons) as bookkeeping for the trainer."""
     shapes = {tuple(s["pixel_values"].shape) for s in samples}
     label_shapes = {tuple(s["labels"].shape) for s in samples}
     if len(shapes) > 1 or len(label_shapes) > 1:
@@ -83,6 +85,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "labels": torch.stack([s["labels"] for s in samples]),
         "indices": torch.tensor([s["index"] for s in samples]),
+        "epochs": torch.tensor([s.get("epoch", 0) for s in samples]),
+        "repeats": sum(bool(s.get("repeat", False)) for s in samples),
+        "skipped": [reason for s in samples for reason in s.get("skipped", [])],
     }
 
 
@@ -101,9 +106,17 @@ def build_train_loader(
     seed: int,
     start: int = 0,
     pin_memory: bool = False,
-) -> DataLoader:
-    """An endless loader of this process's shard of the training stream."""
-    sampler = InfiniteShardedSampler(len(dataset), rank, world_size, seed, shuffle=True, start=start)
+    shuffle: bool = True,
+    buffer_size: int = 1000,
+) -> Any:
+    """An endless loader of this process's shard of the training stream (map-style or streamed)."""
+    if getattr(dataset, "streaming", False):
+        from seg_accel.data.streaming import ShardStream, StreamBatches, usable_workers
+
+        stream = ShardStream(dataset, rank, world_size, seed, shuffle, buffer_size, samples_per_gpu)
+        workers = usable_workers(len(dataset.shards), world_size, workers_per_gpu)
+        return StreamBatches(stream, samples_per_gpu, workers, collate, pin_memory)
+    sampler = InfiniteShardedSampler(len(dataset), rank, world_size, seed, shuffle=shuffle, start=start)
     gen = torch.Generator().manual_seed(seed + rank)
     return DataLoader(
         dataset,
@@ -121,8 +134,15 @@ def build_train_loader(
 
 def build_val_loader(
     dataset: Dataset, samples_per_gpu: int, workers_per_gpu: int, rank: int, world_size: int, pin_memory: bool = False
-) -> DataLoader:
+) -> Any:
     """This process's shard of the val set, in order, each sample exactly once overall."""
+    if getattr(dataset, "streaming", False):
+        from seg_accel.data.streaming import ShardStream, StreamBatches, usable_workers
+
+        stream = ShardStream(dataset, rank, world_size, seed=0, shuffle=False, batch_size=samples_per_gpu,
+                             epochs=1, pad=False)
+        workers = usable_workers(len(dataset.shards), world_size, workers_per_gpu)
+        return StreamBatches(stream, samples_per_gpu, workers, collate, pin_memory)
     return DataLoader(
         dataset,
         batch_size=samples_per_gpu,

@@ -68,6 +68,44 @@ class Resize:
 
 
 @TRANSFORMS.register()
+class RandomResize:
+    """Resize by a random scale (MMSegmentation's multi-scale training): with ``ratio_range``,
+    ``scale * r`` for ``r ~ U(ratio_range)``; with ``scale`` a list of two ``[w, h]`` scales,
+    a long and a short edge drawn between theirs. Then ``Resize`` (``keep_ratio``)."""
+
+    def __init__(
+        self,
+        scale: list[int] | list[list[int]],
+        ratio_range: list[float] | None = None,
+        keep_ratio: bool = True,
+    ):
+        nested = bool(scale) and isinstance(scale[0], (list, tuple))
+        if ratio_range is not None:
+            if nested:
+                raise ConfigError("with ratio_range, scale is one [w, h]", key="scale")
+            if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
+                raise ConfigError(f"must be [min, max] with 0 < min <= max, got {ratio_range}", key="ratio_range")
+            self.scales = [_wh(scale, "scale")]
+        else:
+            if not nested or len(scale) != 2:
+                raise ConfigError("give ratio_range, or scale as two [w, h] scales to draw between", key="scale")
+            self.scales = [_wh(s, "scale") for s in scale]
+        self.ratio_range = ratio_range
+        self.keep_ratio = keep_ratio
+
+    def target_scale(self, rng: np.random.Generator) -> tuple[int, int]:
+        if self.ratio_range is not None:
+            ratio = rng.random() * (self.ratio_range[1] - self.ratio_range[0]) + self.ratio_range[0]
+            return int(self.scales[0][0] * ratio), int(self.scales[0][1] * ratio)
+        longs = [max(s) for s in self.scales]
+        shorts = [min(s) for s in self.scales]
+        return int(rng.integers(min(longs), max(longs) + 1)), int(rng.integers(min(shorts), max(shorts) + 1))
+
+    def __call__(self, results: Results, rng: np.random.Generator) -> Results:
+        return Resize(self.target_scale(rng), self.keep_ratio)(results, rng)
+
+
+@TRANSFORMS.register()
 class RandomCrop:
     """Crop ``crop_size = [h, w]`` at a random place; with ``cat_max_ratio < 1`` retry up
     to 10 times until no single class covers more than that share of the crop."""
@@ -115,6 +153,86 @@ class RandomFlip:
             results["img"] = results["img"].flip(self.dim)
             if "gt_seg_map" in results:
                 results["gt_seg_map"] = results["gt_seg_map"].flip(self.dim)
+        return results
+
+
+def rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) RGB in 0-255 -> HSV as OpenCV's 8-bit convention: H in [0, 180), S and V in 0-255."""
+    r, g, b = img
+    value, _ = img.max(0)
+    low, _ = img.min(0)
+    chroma = value - low
+    sat = torch.where(value > 0, chroma / value.clamp_min(1e-12) * 255, torch.zeros_like(value))
+    safe = chroma.clamp_min(1e-12)
+    hue = torch.where(value == r, (g - b) / safe, torch.where(value == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    hue = torch.where(chroma > 0, (hue * 30) % 180, torch.zeros_like(hue))
+    return torch.stack([hue, sat, value])
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    hue, sat, value = hsv[0] / 30.0, hsv[1] / 255.0, hsv[2]
+    sector = torch.floor(hue) % 6
+    f = hue - torch.floor(hue)
+    p, q, t = value * (1 - sat), value * (1 - sat * f), value * (1 - sat * (1 - f))
+    choices = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)]
+    out = torch.zeros((3, *value.shape), dtype=value.dtype)
+    for k, (rr, gg, bb) in enumerate(choices):
+        mask = sector == k
+        out[0][mask], out[1][mask], out[2][mask] = rr[mask], gg[mask], bb[mask]
+    return out
+
+
+def _as_uint8(img: torch.Tensor) -> torch.Tensor:
+    """What mmcv's ``convert`` does after each step: clip to 0-255, truncate to uint8."""
+    return img.clamp(0, 255).floor()
+
+
+@TRANSFORMS.register()
+class PhotoMetricDistortion:
+    """MMSegmentation's colour jitter, each step with probability 0.5, on the image only:
+    brightness ``+U(-brightness_delta, brightness_delta)``; contrast ``*U(contrast_range)``
+    (before or after the HSV steps, at random); saturation ``*U(saturation_range)``; hue
+    ``+U{-hue_delta..hue_delta}`` (OpenCV's 0-180 hue scale). Values are clipped to 0-255
+    and truncated as uint8 after each step."""
+
+    def __init__(
+        self,
+        brightness_delta: int = 32,
+        contrast_range: list[float] = (0.5, 1.5),
+        saturation_range: list[float] = (0.5, 1.5),
+        hue_delta: int = 18,
+    ):
+        for name, value in (("contrast_range", contrast_range), ("saturation_range", saturation_range)):
+            if len(value) != 2 or not 0 <= value[0] <= value[1]:
+                raise ConfigError(f"must be [low, high] with 0 <= low <= high, got {list(value)}", key=name)
+        self.brightness_delta = brightness_delta
+        self.contrast_range, self.saturation_range = tuple(contrast_range), tuple(saturation_range)
+        self.hue_delta = hue_delta
+
+    def __call__(self, results: Results, rng: np.random.Generator) -> Results:
+        img = _as_uint8(results["img"])
+
+        def contrast(x: torch.Tensor) -> torch.Tensor:
+            return _as_uint8(x * rng.uniform(*self.contrast_range)) if rng.integers(2) else x
+
+        if rng.integers(2):
+            img = _as_uint8(img + rng.uniform(-self.brightness_delta, self.brightness_delta))
+        contrast_first = bool(rng.integers(2))
+        if contrast_first:
+            img = contrast(img)
+        hsv = rgb_to_hsv(img)
+        changed = False
+        if rng.integers(2):
+            hsv[1] = (hsv[1] * rng.uniform(*self.saturation_range)).clamp(0, 255)
+            changed = True
+        if rng.integers(2):
+            hsv[0] = (hsv[0] + int(rng.integers(-self.hue_delta, self.hue_delta + 1))) % 180
+            changed = True
+        if changed:
+            img = _as_uint8(hsv_to_rgb(hsv))
+        if not contrast_first:
+            img = contrast(img)
+        results["img"] = img
         return results
 
 

@@ -88,16 +88,19 @@ class Trainer:
         for losses in self.head_losses:
             losses.to(acc.device)
 
-        train_set = build_dataset(cfg.data.train, "data.train")
+        ignore_index = cfg.model.decode_head.ignore_index
+        train_set = build_dataset(cfg.data.train, "data.train", ignore_index, cfg.data.skip_bad_samples)
         self.val_set = None
         if cfg.data.val is not None:
-            self.val_set = build_dataset(cfg.data.val, "data.val")
+            self.val_set = build_dataset(cfg.data.val, "data.val", ignore_index, cfg.data.skip_bad_samples)
             self.val_set.test_mode = True
         pin = acc.device.type == "cuda"
         self.train_loader = build_train_loader(
             train_set, cfg.data.samples_per_gpu, cfg.data.workers_per_gpu,
             acc.process_index, acc.num_processes, cfg.seed, pin_memory=pin,
+            shuffle=cfg.data.shuffle, buffer_size=cfg.data.shuffle_buffer_size,
         )
+        self.epoch_log = EpochBookkeeping(acc.process_index)
         self.val_loader = None
         if self.val_set is not None:
             self.val_loader = build_val_loader(
@@ -145,6 +148,10 @@ class Trainer:
         )
         if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
             logger.warning("fp16 mixed precision needs a GPU; on the CPU Accelerate trains in fp32 (bf16 works on CPUs)")
+        if getattr(train_set, "streaming", False):
+            from seg_accel.data.streaming import describe_plan
+
+            logger.info("%s", describe_plan(self.train_loader.stream, self.train_loader.loader.num_workers))
         logged_only = [name for losses in self.head_losses for name in losses.logged_only()]
         if logged_only:
             logger.info("logged, not trained on (name does not start with 'loss_'): %s", ", ".join(logged_only))
@@ -182,8 +189,9 @@ class Trainer:
         start = time.perf_counter()
         batch = next(data_iter)
         waited = time.perf_counter() - start
+        self.epoch_log.update(batch)
         device = self.accelerator.device
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, waited
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}, waited
 
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         """The forward pass and every head's losses: (total to backpropagate, values to log)."""
@@ -248,6 +256,7 @@ class Trainer:
                 if self.iter % interval == 0 or self.iter == max_iters:
                     self._log_interval(meter, scheduled, started, start_iter)
                     meter.reset()
+        self.epoch_log.finish()
         results = self.evaluate() if self.val_loader is not None else None
         self.export(self.work_dir / FINAL_DIR)
         return results
@@ -290,6 +299,33 @@ class Trainer:
             model.save_pretrained(out_dir)
             logger.info("exported the final model to %s", out_dir)
         acc.wait_for_everyone()
+
+
+class EpochBookkeeping:
+    """Per epoch of the training stream: samples repeated to even out the processes, and bad
+    samples skipped; reported when the stream moves on to the next epoch."""
+
+    def __init__(self, rank: int):
+        self.rank, self.epoch = rank, None
+        self.repeats, self.skipped = 0, []
+
+    def update(self, batch: dict[str, Any]) -> None:
+        epoch = int(batch["epochs"].max()) if "epochs" in batch else 0
+        if self.epoch is not None and epoch > self.epoch:
+            self.finish()
+        self.epoch = epoch if self.epoch is None else max(self.epoch, epoch)
+        self.repeats += int(batch.get("repeats", 0))
+        self.skipped += list(batch.get("skipped", []))
+
+    def finish(self) -> None:
+        if self.repeats:
+            logger.info("epoch %d: process %d repeated %d sample(s) so that every process runs the same steps",
+                        self.epoch, self.rank, self.repeats)
+        if self.skipped:
+            shown = "; ".join(self.skipped[:3]) + (f"; ... ({len(self.skipped) - 3} more)" if len(self.skipped) > 3 else "")
+            logger.warning("epoch %d: process %d skipped %d bad sample(s): %s", self.epoch, self.rank,
+                           len(self.skipped), shown)
+        self.repeats, self.skipped = 0, []
 
 
 def _quiet_libraries(is_main: bool) -> None:
