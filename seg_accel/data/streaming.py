@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from seg_accel.data.loader import sample_seed
@@ -240,8 +241,10 @@ class StreamBatches:
 
     def __init__(self, stream: ShardStream, batch_size: int, workers: int, collate: Any, pin_memory: bool = False):
         self.stream, self.batch_size, self.collate = stream, batch_size, collate
+        # its own generator: starting the loader must not draw from the global RNG (dropout uses it)
+        generator = torch.Generator().manual_seed(stream.seed + stream.rank)
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                 persistent_workers=workers > 0 and stream.epochs is None)
+                                 persistent_workers=workers > 0 and stream.epochs is None, generator=generator)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batch: list[dict[str, Any]] = []

@@ -100,7 +100,8 @@ class Trainer:
             acc.process_index, acc.num_processes, cfg.seed, pin_memory=pin,
             shuffle=cfg.data.shuffle, buffer_size=cfg.data.shuffle_buffer_size,
         )
-        self.epoch_log = EpochBookkeeping(acc.process_index)
+        stream = getattr(self.train_loader, "stream", None)
+        self.epoch_log = EpochBookkeeping(acc.process_index, stream.plan if stream is not None else None)
         self.val_loader = None
         if self.val_set is not None:
             self.val_loader = build_val_loader(
@@ -108,6 +109,7 @@ class Trainer:
                 acc.process_index, acc.num_processes, pin_memory=pin,
             )
 
+        set_seed(cfg.seed)  # here, so that data libraries' own use of the RNGs never changes the init
         model = build_model(cfg.model, self.classes)
         self.aux_capture = AuxiliaryCapture(model) if len(self.head_losses) > 1 else None
         find_unused = cfg.find_unused_parameters
@@ -303,10 +305,11 @@ class Trainer:
 
 class EpochBookkeeping:
     """Per epoch of the training stream: samples repeated to even out the processes, and bad
-    samples skipped; reported when the stream moves on to the next epoch."""
+    samples skipped; reported when the stream moves on to the next epoch. ``plan`` (streamed
+    data) gives every process's sample count, so the main process reports them all."""
 
-    def __init__(self, rank: int):
-        self.rank, self.epoch = rank, None
+    def __init__(self, rank: int, plan: Any = None):
+        self.rank, self.plan, self.epoch = rank, plan, None
         self.repeats, self.skipped = 0, []
 
     def update(self, batch: dict[str, Any]) -> None:
@@ -314,13 +317,18 @@ class EpochBookkeeping:
         if self.epoch is not None and epoch > self.epoch:
             self.finish()
         self.epoch = epoch if self.epoch is None else max(self.epoch, epoch)
-        self.repeats += int(batch.get("repeats", 0))
+        self.repeats += int(batch["repeated"].sum()) if "repeated" in batch else 0
         self.skipped += list(batch.get("skipped", []))
 
     def finish(self) -> None:
+        if self.plan is not None and self.epoch is not None:
+            counts = self.plan(self.epoch).counts
+            if len(set(counts)) > 1:
+                logger.info("epoch %d: samples per process %s; repeated %s so that every process runs the same "
+                            "steps", self.epoch, ", ".join(map(str, counts)),
+                            ", ".join(str(max(counts) - c) for c in counts))
         if self.repeats:
-            logger.info("epoch %d: process %d repeated %d sample(s) so that every process runs the same steps",
-                        self.epoch, self.rank, self.repeats)
+            logger.info("epoch %d: process %d repeated %d sample(s)", self.epoch, self.rank, self.repeats)
         if self.skipped:
             shown = "; ".join(self.skipped[:3]) + (f"; ... ({len(self.skipped) - 3} more)" if len(self.skipped) > 3 else "")
             logger.warning("epoch %d: process %d skipped %d bad sample(s): %s", self.epoch, self.rank,
