@@ -73,7 +73,7 @@ class ShardSampler(Sampler):
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Tensors stacked; per sample ``epochs`` and ``repeated`` (a repeat that evens out the
-    processes), and ``skipped`` (bad samples' reasons), as bookkeeping for the trainer."""
+    processes), and ``skipped`` ((epoch, reason) of bad samples), as bookkeeping for the trainer."""
     shapes = {tuple(s["pixel_values"].shape) for s in samples}
     label_shapes = {tuple(s["labels"].shape) for s in samples}
     if len(shapes) > 1 or len(label_shapes) > 1:
@@ -87,7 +87,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "indices": torch.tensor([s["index"] for s in samples]),
         "epochs": torch.tensor([s.get("epoch", 0) for s in samples]),
         "repeated": torch.tensor([bool(s.get("repeat", False)) for s in samples]),
-        "skipped": [reason for s in samples for reason in s.get("skipped", [])],
+        "skipped": [(s.get("epoch", 0), reason) for s in samples for reason in s.get("skipped", [])],
     }
 
 

@@ -313,12 +313,14 @@ class EpochBookkeeping:
         self.repeats, self.skipped = 0, []
 
     def update(self, batch: dict[str, Any]) -> None:
-        epoch = int(batch["epochs"].max()) if "epochs" in batch else 0
-        if self.epoch is not None and epoch > self.epoch:
-            self.finish()
-        self.epoch = epoch if self.epoch is None else max(self.epoch, epoch)
-        self.repeats += int(batch["repeated"].sum()) if "repeated" in batch else 0
-        self.skipped += list(batch.get("skipped", []))
+        epochs = batch["epochs"].tolist()
+        repeated = batch["repeated"].tolist()
+        for epoch in sorted(set(epochs)):  # a batch may straddle two epochs
+            if self.epoch is not None and epoch > self.epoch:
+                self.finish()
+            self.epoch = epoch if self.epoch is None else max(self.epoch, epoch)
+            self.repeats += sum(r for e, r in zip(epochs, repeated) if e == epoch)
+            self.skipped += [reason for e, reason in batch["skipped"] if e == epoch]
 
     def finish(self) -> None:
         if self.plan is not None and self.epoch is not None:
