@@ -237,3 +237,129 @@ def test_custom_dataset_searches_sub_folders_like_cityscapes(tmp_path):
                         "seg_map_suffix": "_gtFine_labelTrainIds.png", "classes": ["a", "b"]}, "data.train")
     assert ds.names == ["aachen/aachen_000000_000019", "bremen/bremen_000001_000019"]
     assert ds.load(1)[1].shape == (4, 6)
+
+
+# ----------------------------------------------------------------------------- more transforms
+def test_random_resize_ratio_range_and_two_scales():
+    from seg_accel.data.transforms import RandomResize
+
+    sizes = set()
+    for seed in range(30):
+        out = RandomResize(scale=[28, 20], ratio_range=[0.5, 2.0])(_sample(), RNG(seed))
+        h, w = out["img"].shape[-2:]
+        assert out["gt_seg_map"].shape == (h, w)
+        assert set(out["gt_seg_map"].unique().tolist()) <= set(range(7))  # nearest: no new label values
+        assert 0.5 * 20 - 1 <= h <= 2.0 * 20 + 1 and abs(w / h - 14 / 10) < 0.15  # aspect ratio kept
+        sizes.add((h, w))
+    assert len(sizes) > 5  # really random
+    out = RandomResize(scale=[[40, 20], [60, 30]])(_sample(), RNG(0))
+    h, w = out["img"].shape[-2:]
+    assert 20 <= min(h, w) <= 30 and max(h, w) <= 60
+
+
+def test_photometric_distortion_changes_only_the_image():
+    from seg_accel.data.transforms import PhotoMetricDistortion
+
+    changed = 0
+    for seed in range(10):
+        s = _sample(8, 8)
+        s["img"] = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 255
+        before_img, before_label = s["img"].clone(), s["gt_seg_map"].clone()
+        out = PhotoMetricDistortion()(s, RNG(seed))
+        assert torch.equal(out["gt_seg_map"], before_label)
+        assert out["img"].shape == before_img.shape and out["img"].min() >= 0 and out["img"].max() <= 255
+        changed += int(not torch.allclose(out["img"], before_img.floor()))
+        again = PhotoMetricDistortion()({"img": before_img.clone(), "gt_seg_map": before_label}, RNG(seed))
+        assert torch.equal(again["img"], out["img"])  # the sample's seed decides
+    assert changed >= 8
+
+
+def test_photometric_brightness_alone_by_hand():
+    from seg_accel.data.transforms import PhotoMetricDistortion
+
+    t = PhotoMetricDistortion(brightness_delta=10, contrast_range=[1.0, 1.0], saturation_range=[1.0, 1.0],
+                              hue_delta=0)
+
+    class Fixed:  # brightness on, delta 5.5; contrast chosen after; then every other step off
+        def __init__(self):
+            self.ints = iter([1, 0, 0, 0, 0])
+
+        def integers(self, *args):
+            return next(self.ints)
+
+        def uniform(self, low, high):
+            return 5.5
+
+    img = torch.tensor([[[10.0, 250.0]], [[0.0, 100.0]], [[3.0, 4.0]]])
+    out = t({"img": img.clone(), "gt_seg_map": torch.zeros(1, 2, dtype=torch.long)}, Fixed())
+    assert out["img"].tolist() == [[[15.0, 255.0]], [[5.0, 105.0]], [[8.0, 9.0]]]  # +5.5, clipped, truncated
+
+
+# ----------------------------------------------------------------------------- Hub-style sources
+def test_hub_dataset_local_parquet_map_style_and_id2label(tmp_path):
+    import json
+
+    from tests.parquet_data import write_parquet_dataset
+
+    write_parquet_dataset(tmp_path, [4, 3])
+    (tmp_path / "id2label.json").write_text(json.dumps({"0": "bg", "1": "a", "2": "b", "3": "c"}))
+    ds = build_dataset({"type": "HubDataset", "path": str(tmp_path)}, "data.train")
+    assert len(ds) == 7 and ds.classes == ["bg", "a", "b", "c"]
+    img, label = ds.load(5)
+    assert img.shape == (16, 16, 3) and label.shape == (16, 16) and label.dtype == np.uint8
+    with pytest.raises(ConfigError) as info:
+        build_dataset({"type": "HubDataset", "path": str(tmp_path), "label_column": "mask"}, "data.train")
+    assert info.value.key == "data.train.label_column" and "'image', 'label'" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        build_dataset({"type": "HubDataset", "path": str(tmp_path), "split": "validation"}, "data.val")
+    assert info.value.key == "data.val.split"
+
+
+def test_hub_dataset_imagefolder_with_metadata(tmp_path):
+    import json
+
+    from tests.parquet_data import CLASSES, sample_arrays
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    lines = []
+    for i in range(3):
+        img, label = sample_arrays(i)
+        Image.fromarray(img).save(folder / f"{i}.png")
+        Image.fromarray(label).save(folder / f"{i}_mask.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "label_file_name": f"{i}_mask.png"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines))
+    ds = build_dataset({"type": "HubDataset", "path": str(tmp_path), "classes": CLASSES}, "data.train")
+    img, label = ds.load(1)
+    expected_img, expected_label = sample_arrays(1)
+    assert np.array_equal(img, expected_img) and np.array_equal(label, expected_label)
+    with pytest.raises(ConfigError, match="streaming reads parquet") as info:
+        build_dataset({"type": "HubDataset", "path": str(tmp_path), "classes": CLASSES, "streaming": True},
+                      "data.train")
+    assert info.value.key == "data.train.streaming"
+
+
+def test_hub_dataset_readme_configs(tmp_path):
+    from tests.parquet_data import CLASSES, write_parquet_dataset
+
+    write_parquet_dataset(tmp_path / "a", [2], split="train")
+    write_parquet_dataset(tmp_path / "b", [3], split="train")
+    (tmp_path / "README.md").write_text(
+        "---\nconfigs:\n- config_name: small\n  data_files:\n  - split: train\n    path: a/data/*.parquet\n"
+        "- config_name: large\n  data_files:\n  - split: train\n    path: b/data/*.parquet\n---\n")
+    for name, rows in (("small", 2), ("large", 3)):
+        for streaming in (False, True):
+            ds = build_dataset({"type": "HubDataset", "path": str(tmp_path), "name": name, "classes": CLASSES,
+                                "streaming": streaming}, "data.train")
+            assert len(ds) == rows
+
+
+def test_missing_hub_dataset_offline_fails_at_once(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        build_dataset({"type": "HubDataset", "path": "nobody/no-such-dataset", "classes": ["a", "b"]}, "data.train")
+    assert time.perf_counter() - start < 20
+    assert info.value.key == "data.train.path" and "HF_HUB_OFFLINE" in str(info.value)
