@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from seg_accel.errors import ConfigError, DataError
+from seg_accel.errors import ConfigError, DataError, TrainingError
 
 
 def _is_main_process() -> bool:
@@ -43,7 +43,7 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
         if _is_main_process():
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    except DataError as exc:
+    except (DataError, TrainingError) as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -44,6 +44,10 @@ class ConfigError(Exception):
         return f"{prefix}: {self.message}" if prefix else self.message
 
 
+class TrainingError(Exception):
+    """Training cannot go on (e.g. non-finite gradients); the message says where and why."""
+
+
 class DataError(Exception):
     """A problem with a sample or a dataset on disk (names the dataset, index and file)."""
 

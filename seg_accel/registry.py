@@ -254,6 +254,7 @@ LOSSES = Registry(
                      "seg_accel.losses.lovasz"],
 )
 SAMPLERS = Registry("pixel sampler", builtin_modules=["seg_accel.losses.ohem"])
+HOOKS = Registry("hook", builtin_modules=["seg_accel.engine.loggers"])
 TRANSFORMS = Registry("transform", builtin_modules=["seg_accel.data.transforms"])
 DATASETS = Registry("dataset", builtin_modules=["seg_accel.data.synthetic", "seg_accel.data.folder", "seg_accel.data.hub"])
 OPTIMIZERS = Registry(
@@ -273,6 +274,10 @@ MODELS = Registry("model", fallback=_transformers_model, extra_names=_transforme
 
 def list_losses() -> list[str]:
     return LOSSES.names()
+
+
+def list_hooks() -> list[str]:
+    return HOOKS.names()
 
 
 def list_samplers() -> list[str]:

@@ -34,7 +34,8 @@ def test_single_process_train_evaluate_export(tmp_path, fresh_accelerate):
     results = trainer.train()
     work = tmp_path / "work"
     model = trainer.accelerator.unwrap_model(trainer.model)
-    assert trainer.iter == 4 and trainer.schedulers[0].last_iter == 4
+    assert trainer.iter == 4 and trainer.optimizer_steps == 4
+    assert trainer.schedulers[0].last_iter == 3  # set before each of the 4 steps: indices 0..3
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained
 
     # the export is an ordinary transformers model with the data's class names
@@ -71,14 +72,13 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, fresh_accelerate
 
     trainer._batch = counting
     lrs = []
-    step = trainer.train_step
+    step = trainer.train_iter
 
     def recording(data_iter):
-        logs = step(data_iter)
-        lrs.append(logs["scheduled"]["lr"])
-        return logs
+        step(data_iter)
+        lrs.append(trainer.scheduled["lr"])
 
-    trainer.train_step = recording
+    trainer.train_iter = recording
     trainer.train()
     assert len(seen) == 4 * 3  # 3 micro-batches per optimizer step
     base = trainer.cfg.optimizer["lr"]
@@ -259,4 +259,5 @@ def test_a_step_skipped_by_the_loss_scaler_does_not_advance_the_schedules(tmp_pa
     assert steps == [False, False, True, False, False]
     lrs = [r["lr"] for r in json_log(tmp_path / "work") if r["mode"] == "train"]
     assert lrs[2] == lrs[3]  # the schedule waited one step
-    assert all(scheduler.last_iter == 4 for scheduler in trainer.schedulers)
+    assert trainer.optimizer_steps == 4 and trainer.iter == 5
+    assert all(scheduler.last_iter == 3 for scheduler in trainer.schedulers)  # set before the 5th iteration

@@ -134,19 +134,98 @@ class OptimizerStepConfig:
 
 @dataclass
 class RunnerConfig:
-    type: Literal["IterBasedRunner"] = "IterBasedRunner"
-    max_iters: int = 0
+    """``IterBasedRunner`` counts ``max_iters`` optimizer steps; ``EpochBasedRunner``
+    ``max_epochs`` passes over the training data."""
+
+    type: Literal["IterBasedRunner", "EpochBasedRunner"] = "IterBasedRunner"
+    max_iters: int | None = None
+    max_epochs: int | None = None
 
     def validate(self, key: str) -> None:
-        _positive(self.max_iters, f"{key}.max_iters")
+        wanted, other = ("max_iters", "max_epochs") if self.type == "IterBasedRunner" else ("max_epochs", "max_iters")
+        if getattr(self, wanted) is None:
+            raise ConfigError(f"{self.type} needs {wanted}", key=f"{key}.{wanted}")
+        if getattr(self, other) is not None:
+            raise ConfigError(f"{self.type} counts {wanted}; remove {other}", key=f"{key}.{other}")
+        _positive(getattr(self, wanted), f"{key}.{wanted}")
+
+    @property
+    def by_epoch(self) -> bool:
+        return self.type == "EpochBasedRunner"
+
+
+class HookSpec:
+    """Checks ``custom_hooks`` / ``log_config.hooks`` entries: ``priority`` plus the hook's options."""
+
+    def describe(self) -> str:
+        return "a list of hook mappings ({type: ..., priority: ...})"
+
+    def check(self, value: Any, key: str | None) -> None:
+        from seg_accel.engine.hooks import get_priority
+        from seg_accel.registry import HOOKS
+
+        if not isinstance(value, list):
+            raise ConfigError(f"expected {self.describe()}, got {value!r}", key=key)
+        for i, item in enumerate(value):
+            item_key = f"{key}.{i}"
+            if isinstance(item, dict) and "priority" in item:
+                get_priority(item["priority"], f"{item_key}.priority")
+            HOOKS.check({k: v for k, v in item.items() if k != "priority"} if isinstance(item, dict) else item,
+                        item_key)
 
 
 @dataclass
 class LogConfig:
     interval: int = 50
+    hooks: Annotated[list, HookSpec()] = field(default_factory=lambda: [{"type": "TextLoggerHook"}])
 
     def validate(self, key: str) -> None:
         _positive(self.interval, f"{key}.interval")
+
+
+@dataclass
+class CheckpointConfig:
+    """``checkpoint_config``: full training state every ``interval`` iterations (epochs with
+    ``by_epoch``), the newest ``max_keep_ckpts`` kept (-1: all), in ``out_dir`` (default:
+    the work dir), and at the end with ``save_last``."""
+
+    interval: int = 1000
+    by_epoch: bool | None = None  # default: as the runner counts
+    save_optimizer: bool = True
+    max_keep_ckpts: int = -1
+    out_dir: str | None = None
+    save_last: bool = True
+
+    def validate(self, key: str) -> None:
+        _positive(self.interval, f"{key}.interval")
+        if self.max_keep_ckpts == 0 or self.max_keep_ckpts < -1:
+            raise ConfigError(f"must be -1 (keep all) or >= 1, got {self.max_keep_ckpts}", key=f"{key}.max_keep_ckpts")
+
+
+@dataclass
+class EvaluationConfig:
+    """``evaluation``: on ``data.val`` every ``interval`` iterations (epochs with an epoch-based
+    runner) and at the end; ``save_best`` keeps the best checkpoint by a metric."""
+
+    interval: int = 1000
+    metric: str | list[str] = "mIoU"
+    save_best: str | None = None
+    rule: Literal["greater", "less"] | None = None
+    pre_eval: bool = True  # MMSegmentation's flag; seg-accel always accumulates per batch
+
+    def metrics(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    def validate(self, key: str) -> None:
+        from seg_accel.metrics import METRIC_COLUMNS
+
+        _positive(self.interval, f"{key}.interval")
+        for m in self.metrics():
+            if m not in METRIC_COLUMNS:
+                raise ConfigError(f"unknown metric {m!r}; choose from {', '.join(METRIC_COLUMNS)}", key=f"{key}.metric")
+        if not self.pre_eval:
+            raise ConfigError("seg-accel always evaluates batch by batch (pre_eval: true); remove pre_eval",
+                              key=f"{key}.pre_eval")
 
 
 @dataclass
@@ -167,6 +246,14 @@ class TrainConfig:
     momentum_config: Annotated[dict | None, Spec(MOMENTUM_POLICIES)] = None
     optimizer_config: OptimizerStepConfig = field(default_factory=OptimizerStepConfig)
     log_config: LogConfig = field(default_factory=LogConfig)
+    workflow: list[tuple[Literal["train", "val"], int]] = field(default_factory=lambda: [("train", 1)])
+    checkpoint_config: CheckpointConfig | None = None
+    evaluation: EvaluationConfig | None = None
+    custom_hooks: Annotated[list, HookSpec()] = field(default_factory=list)
+    resume_from: str | None = None
+    load_from: str | None = None
+    auto_resume: bool = False
+    skip_nonfinite_steps: int = 0
     custom_imports: CustomImportsConfig | None = None
     work_dir: str | None = None
     seed: int = 0
@@ -177,6 +264,20 @@ class TrainConfig:
 
     def validate(self, key: str | None) -> None:
         _positive(self.gradient_accumulation_steps, "gradient_accumulation_steps")
+        _positive(self.skip_nonfinite_steps, "skip_nonfinite_steps", 0)
+        for i, (mode, count) in enumerate(self.workflow):
+            _positive(count, f"workflow.{i}.1")
+            if mode == "val" and self.data.val is None:
+                raise ConfigError("a val phase needs data.val", key=f"workflow.{i}")
+        if not any(mode == "train" for mode, _ in self.workflow):
+            raise ConfigError("needs a train phase, e.g. [[train, 1]]", key="workflow")
+        if self.evaluation is not None and self.data.val is None:
+            raise ConfigError("evaluation needs data.val", key="evaluation")
+        checkpoints = self.checkpoint_config
+        if checkpoints is not None and checkpoints.by_epoch and not self.runner.by_epoch:
+            raise ConfigError("by_epoch: true needs EpochBasedRunner", key="checkpoint_config.by_epoch")
+        if self.resume_from is not None and self.load_from is not None:
+            raise ConfigError("resume_from continues a run; load_from takes weights only: set one", key="load_from")
 
 
 def dataset_classes(dataset_cfg: dict, key: str) -> list[str]:
@@ -221,12 +322,23 @@ def _dry_build(cfg: TrainConfig) -> None:
         constructor.param_groups(model)
     optimizer_cfg = {k: v for k, v in cfg.optimizer.items() if k not in OPTIMIZER_OWN_KEYS}
     optimizer = OPTIMIZERS.build(optimizer_cfg, "optimizer", params=[torch.nn.Parameter(torch.zeros(2, 2))])
-    build_lr_scheduler(cfg.lr_config, optimizer, cfg.runner.max_iters)
-    build_momentum_scheduler(cfg.momentum_config, optimizer, cfg.runner.max_iters)
     for section in ("lr_config", "momentum_config"):
-        if (getattr(cfg, section) or {}).get("by_epoch", False):
+        section_cfg = getattr(cfg, section) or {}
+        # an iteration schedule on an epoch-based runner: its length is known once the data are
+        length = cfg.runner.max_epochs if section_cfg.get("by_epoch", False) else (cfg.runner.max_iters or 10**9)
+        builder = build_lr_scheduler if section == "lr_config" else build_momentum_scheduler
+        builder(getattr(cfg, section), optimizer, length)
+    from seg_accel.registry import HOOKS
+
+    for section, hook_cfgs in (("log_config.hooks", cfg.log_config.hooks), ("custom_hooks", cfg.custom_hooks)):
+        for i, hook_cfg in enumerate(hook_cfgs):  # their constructors may check more
+            hook = HOOKS.build({k: v for k, v in hook_cfg.items() if k != "priority"}, f"{section}.{i}")
+            if hasattr(hook, "check_package"):
+                hook.check_package()
+    for section in ("lr_config", "momentum_config"):
+        if (getattr(cfg, section) or {}).get("by_epoch", False) and not cfg.runner.by_epoch:
             raise ConfigError(
-                "by_epoch: true needs an epoch-based runner; with IterBasedRunner set by_epoch: false",
+                "by_epoch: true needs EpochBasedRunner; with IterBasedRunner set by_epoch: false",
                 key=f"{section}.by_epoch",
             )
 

@@ -1,14 +1,17 @@
-"""The iteration-based trainer on Accelerate.
+"""The runner on Accelerate: iteration- or epoch-based, driven by hooks.
 
 Reads like Accelerate's own examples: build the ``Accelerator``, seed, build
-data/model/optimizer, one ``prepare`` call, then a short loop of
-``accumulate`` + ``backward``, clipping only when gradients are synced, and the
-lr schedule stepped once per optimizer step (never through ``prepare``).
+data/model/optimizer, one ``prepare`` call, then a short loop of ``accumulate`` +
+``backward``. Everything around the loop is a hook (SPEC section 7): the lr and
+momentum schedules, the optimizer step (clipping only when gradients are synced),
+checkpoints, timing, evaluation and logging, in priority order.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -22,18 +25,26 @@ from seg_accel import __version__
 from seg_accel.config.loader import Config
 from seg_accel.config.schema import TrainConfig
 from seg_accel.data import build_dataset, build_train_loader, build_val_loader
+from seg_accel.engine import checkpoint as ckpt
 from seg_accel.engine.evaluation import collect_confusion
-from seg_accel.engine.log import IntervalMeter, JsonLog, format_eta, setup_logging
-from seg_accel.losses.head import build_head_losses
-from seg_accel.metrics import format_summary, format_table, metrics_from_confusion
-from seg_accel.models.builder import (
-    AuxiliaryCapture,
-    build_model,
-    needs_unused_parameter_search,
-    segmentation_logits,
+from seg_accel.engine.hooks import (
+    CheckpointHook,
+    EvalHook,
+    Hook,
+    IterTimerHook,
+    LrUpdaterHook,
+    MomentumUpdaterHook,
+    OptimizerHook,
+    describe_hooks,
+    get_priority,
 )
+from seg_accel.engine.log import IntervalMeter, setup_logging
+from seg_accel.engine.loggers import LoggerHook, tracker_project
+from seg_accel.losses.head import build_head_losses
+from seg_accel.metrics import format_table, metrics_from_confusion
+from seg_accel.models.builder import AuxiliaryCapture, build_model, needs_unused_parameter_search, segmentation_logits
 from seg_accel.optim import build_constructor, build_lr_scheduler, build_momentum_scheduler, param_group_table
-from seg_accel.optim.schedules import ParamScheduler
+from seg_accel.registry import HOOKS
 
 logger = logging.getLogger("seg_accel")
 
@@ -51,7 +62,7 @@ def _multi_process_without_accelerator() -> bool:
 
 
 class Trainer:
-    """Builds everything from a validated ``TrainConfig`` and runs ``runner.max_iters`` optimizer steps."""
+    """Builds everything from a validated ``TrainConfig``; ``train()`` runs the workflow."""
 
     def __init__(self, cfg: TrainConfig, raw_cfg: Config, work_dir: str | Path):
         from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -59,6 +70,9 @@ class Trainer:
 
         self.cfg = cfg
         self.work_dir = Path(work_dir)
+        self.by_epoch = cfg.runner.by_epoch
+        logger_hooks = [self._build_hook(c, f"log_config.hooks.{i}") for i, c in enumerate(cfg.log_config.hooks)]
+        trackers, tracker_dir = tracker_project(logger_hooks, self.work_dir)
         # find_unused_parameters is decided once the model is built, before prepare().
         self.ddp_kwargs = DistributedDataParallelKwargs()
         self.accelerator = acc = Accelerator(
@@ -67,13 +81,15 @@ class Trainer:
             cpu=_multi_process_without_accelerator(),
             kwargs_handlers=[self.ddp_kwargs],
             step_scheduler_with_optimizer=False,
+            log_with=trackers or None,
+            project_dir=tracker_dir,
         )
         if acc.is_main_process:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             raw_cfg.save(self.work_dir / "config.yaml")
         acc.wait_for_everyone()
         timestamp = setup_logging(self.work_dir, acc.is_main_process)
-        self.json_log = JsonLog(self.work_dir / f"{timestamp}.log.json" if acc.is_main_process else None)
+        self.json_log_path = self.work_dir / f"{timestamp}.log.json"
         _quiet_libraries(acc.is_main_process)
         # Depthwise conv weights (C, 1, k, k) get grads whose size-1 dim has another stride than
         # DDP's bucket view: the same memory layout, so DDP's performance warning is a false alarm.
@@ -89,28 +105,31 @@ class Trainer:
             losses.to(acc.device)
 
         ignore_index = cfg.model.decode_head.ignore_index
-        train_set = build_dataset(cfg.data.train, "data.train", ignore_index, cfg.data.skip_bad_samples)
+        self.train_set = build_dataset(cfg.data.train, "data.train", ignore_index, cfg.data.skip_bad_samples)
         self.val_set = None
         if cfg.data.val is not None:
             self.val_set = build_dataset(cfg.data.val, "data.val", ignore_index, cfg.data.skip_bad_samples)
             self.val_set.test_mode = True
-        pin = acc.device.type == "cuda"
-        self.train_loader = build_train_loader(
-            train_set, cfg.data.samples_per_gpu, cfg.data.workers_per_gpu,
-            acc.process_index, acc.num_processes, cfg.seed, pin_memory=pin,
-            shuffle=cfg.data.shuffle, buffer_size=cfg.data.shuffle_buffer_size,
-        )
-        stream = getattr(self.train_loader, "stream", None)
-        self.epoch_log = EpochBookkeeping(acc.process_index, stream.plan if stream is not None else None)
+        self.pin_memory = acc.device.type == "cuda"
         self.val_loader = None
         if self.val_set is not None:
             self.val_loader = build_val_loader(
                 self.val_set, cfg.data.val_batch_size(), cfg.data.val_workers(),
-                acc.process_index, acc.num_processes, pin_memory=pin,
+                acc.process_index, acc.num_processes, pin_memory=self.pin_memory,
             )
+
+        # counters (restored on resume); iter counts finished iterations (optimizer steps, or
+        # micro-batch groups that a skipped step did not apply)
+        self.iter, self.epoch, self.optimizer_steps, self.samples = 0, 0, 0, 0
+        per_process = math.ceil(len(self.train_set) / acc.num_processes)
+        per_step = cfg.data.samples_per_gpu * cfg.gradient_accumulation_steps
+        self.steps_per_epoch = max(1, math.ceil(per_process / per_step))
+        self.max_iters = cfg.runner.max_epochs * self.steps_per_epoch if self.by_epoch else cfg.runner.max_iters
 
         set_seed(cfg.seed)  # here, so that data libraries' own use of the RNGs never changes the init
         model = build_model(cfg.model, self.classes)
+        if cfg.load_from is not None:
+            ckpt.load_weights(model, Path(cfg.load_from))
         self.aux_capture = AuxiliaryCapture(model) if len(self.head_losses) > 1 else None
         find_unused = cfg.find_unused_parameters
         if find_unused is None:
@@ -119,17 +138,92 @@ class Trainer:
         constructor = build_constructor(cfg.optimizer)
         optimizer = constructor(model)
         group_table = param_group_table(model, optimizer, getattr(constructor, "notes", None))
+        self.group_names = [g.get("name", f"group{i}") for i, g in enumerate(optimizer.param_groups)]
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        schedulers = (build_lr_scheduler(cfg.lr_config, optimizer, cfg.runner.max_iters),
-                      build_momentum_scheduler(cfg.momentum_config, optimizer, cfg.runner.max_iters))
-        self.schedulers: list[ParamScheduler] = [s for s in schedulers if s is not None]
-        self.grad_clip = cfg.optimizer_config.grad_clip
-        self.iter = 0
-        self._describe(train_set, model)
-        logger.info("%s", group_table)
+        self.schedulers = []
+
+        self.hooks: list[Hook] = []
+        self._register_builtin_hooks(optimizer)
+        for hook in logger_hooks:
+            self.register_hook(hook, getattr(hook, "priority", "VERY_LOW"))
+        for i, hook_cfg in enumerate(cfg.custom_hooks):
+            hook = self._build_hook(hook_cfg, f"custom_hooks.{i}")
+            self.register_hook(hook, hook_cfg.get("priority", getattr(hook, "priority", "NORMAL")))
+
+        self.checkpoint_dir = Path(cfg.checkpoint_config.out_dir) if cfg.checkpoint_config and \
+            cfg.checkpoint_config.out_dir else self.work_dir
+        acc.register_for_checkpointing(ckpt.RunnerState(self))
+        self._resume(cfg)
+        self.train_loader = build_train_loader(
+            self.train_set, cfg.data.samples_per_gpu, cfg.data.workers_per_gpu, acc.process_index,
+            acc.num_processes, cfg.seed, start=self.samples, pin_memory=self.pin_memory,
+            shuffle=cfg.data.shuffle, buffer_size=cfg.data.shuffle_buffer_size,
+        )
+        stream = getattr(self.train_loader, "stream", None)
+        self.epoch_log = EpochBookkeeping(acc.process_index, stream.plan if stream is not None else None)
+
+        self.meter = IntervalMeter()
+        self.log_buffer: dict[str, Any] = {}
+        self.outputs: dict[str, Any] = {}
+        self._record: tuple[int, dict[str, Any] | None] | None = None
+        self._started, self._start_iter = time.perf_counter(), self.iter
+        self._describe(model, group_table)
+
+    # ------------------------------------------------------------------ hooks
+    def _build_hook(self, cfg: dict, key: str) -> Hook:
+        hook = HOOKS.build({k: v for k, v in cfg.items() if k != "priority"}, key)
+        if hasattr(hook, "check_package"):
+            hook.check_package()
+        return hook
+
+    def register_hook(self, hook: Hook, priority: int | str = "NORMAL") -> None:
+        """Insert by priority; equal priorities keep registration order."""
+        hook.priority_value = get_priority(priority)
+        index = len(self.hooks)
+        while index > 0 and self.hooks[index - 1].priority_value > hook.priority_value:
+            index -= 1
+        self.hooks.insert(index, hook)
+
+    def call_hook(self, point: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, point)(self)
+
+    def _register_builtin_hooks(self, optimizer: torch.optim.Optimizer) -> None:
+        cfg = self.cfg
+        for section, builder, hook_cls in (("lr_config", build_lr_scheduler, LrUpdaterHook),
+                                           ("momentum_config", build_momentum_scheduler, MomentumUpdaterHook)):
+            section_cfg = getattr(cfg, section)
+            if section_cfg is None:
+                continue
+            by_epoch = bool(section_cfg.get("by_epoch", False))
+            length = cfg.runner.max_epochs if by_epoch else self.max_iters
+            scheduler = builder(section_cfg, optimizer, length)
+            self.schedulers.append(scheduler)
+            self.register_hook(hook_cls(scheduler, by_epoch), hook_cls.priority)
+        self.register_hook(OptimizerHook(cfg.optimizer_config.grad_clip, cfg.skip_nonfinite_steps), "ABOVE_NORMAL")
+        if cfg.checkpoint_config is not None:
+            if cfg.checkpoint_config.by_epoch is None:
+                cfg.checkpoint_config.by_epoch = self.by_epoch
+            self.register_hook(CheckpointHook(cfg.checkpoint_config), "NORMAL")
+        self.register_hook(IterTimerHook(), "LOW")
+        if cfg.evaluation is not None:
+            self.register_hook(EvalHook(cfg.evaluation, self.by_epoch), "LOW")
+
+    def _resume(self, cfg: TrainConfig) -> None:
+        if self.accelerator.is_main_process:
+            ckpt.remove_unfinished(self.checkpoint_dir)
+        self.accelerator.wait_for_everyone()
+        path = Path(cfg.resume_from) if cfg.resume_from else None
+        key = "resume_from"
+        if path is None and cfg.auto_resume:
+            path, key = ckpt.latest_checkpoint(self.checkpoint_dir), "auto_resume"
+            if path is None:
+                logger.info("auto_resume: no checkpoint in %s; starting afresh", self.checkpoint_dir)
+        if path is not None:
+            ckpt.load_checkpoint(self, path, key)
 
     # ------------------------------------------------------------------ logging
-    def _describe(self, train_set: Any, model: torch.nn.Module) -> None:
+    def _describe(self, model: torch.nn.Module, group_table: str) -> None:
         acc, cfg = self.accelerator, self.cfg
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -144,13 +238,15 @@ class Trainer:
         )
         logger.info(
             "data: train %s (%d samples)%s | batch %d per process x %d processes x %d accumulation = %d per step",
-            type(train_set).__name__, len(train_set),
+            type(self.train_set).__name__, len(self.train_set),
             f", val {type(self.val_set).__name__} ({len(self.val_set)} samples)" if self.val_set is not None else "",
             cfg.data.samples_per_gpu, acc.num_processes, cfg.gradient_accumulation_steps, per_step,
         )
+        if self.by_epoch:
+            logger.info("runner: %d epochs of %d iterations", cfg.runner.max_epochs, self.steps_per_epoch)
         if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
             logger.warning("fp16 mixed precision needs a GPU; on the CPU Accelerate trains in fp32 (bf16 works on CPUs)")
-        if getattr(train_set, "streaming", False):
+        if getattr(self.train_set, "streaming", False):
             from seg_accel.data.streaming import describe_plan
 
             logger.info("%s", describe_plan(self.train_loader.stream, self.train_loader.loader.num_workers))
@@ -159,32 +255,43 @@ class Trainer:
             logger.info("logged, not trained on (name does not start with 'loss_'): %s", ", ".join(logged_only))
         if self.ddp_kwargs.find_unused_parameters and acc.num_processes > 1:
             logger.info("DDP find_unused_parameters: true")
+        logger.info("%s", group_table)
+        logger.info("%s", describe_hooks(self.hooks))
 
-    def _log_interval(self, meter: IntervalMeter, scheduled: dict[str, float | None], started: float,
-                      start_iter: int) -> None:
-        """One console line and one JSON line: the interval's means over all processes."""
-        acc = self.accelerator
-        averages = meter.averages()
-        keys = sorted(averages)
-        values = torch.tensor([averages[k] for k in keys], dtype=torch.float64, device=acc.device)
-        values = acc.reduce(values, reduction="mean") if acc.num_processes > 1 else values
-        averages = dict(zip(keys, values.tolist()))
-        max_iters = self.cfg.runner.max_iters
-        per_iter = (time.perf_counter() - started) / max(self.iter - start_iter, 1)
-        record: dict[str, Any] = {"mode": "train", "iter": self.iter}
-        record.update({k: v for k, v in scheduled.items() if v is not None})
-        record.update(time=averages.pop("time"), data_time=averages.pop("data_time"))
-        if acc.device.type == "cuda":
-            record["memory"] = torch.cuda.max_memory_allocated(acc.device) // 2**20
-        record.update(averages)
-        self.json_log.write(record)
-        parts = [f"{k}: {v:.3e}" for k, v in scheduled.items() if v is not None]
-        parts.append(f"eta: {format_eta(per_iter * (max_iters - self.iter))}")
-        parts += [f"{k}: {record[k]:.3f}" for k in ("time", "data_time")]
-        if "memory" in record:
-            parts.append(f"memory: {record['memory']}")
-        parts += [f"{k}: {v:.4f}" for k, v in averages.items()]
-        logger.info("Iter [%d/%d]\t%s", self.iter, max_iters, ", ".join(parts))
+    def seconds_per_iter(self) -> float:
+        return (time.perf_counter() - self._started) / max(self.iter - self._start_iter, 1)
+
+    def _is_log_iter(self) -> bool:
+        return self.iter % self.cfg.log_config.interval == 0 or self.iter == self.max_iters
+
+    def interval_record(self) -> dict[str, Any] | None:
+        """At a log iteration: the interval's means over all processes (computed once, for every
+        logger hook); otherwise None. Every process calls it at the same iterations."""
+        if self._record is not None and self._record[0] == self.iter:
+            return self._record[1]
+        record = None
+        if self._is_log_iter():
+            self.meter.update(self.log_buffer)
+            averages = self.meter.averages()
+            self.meter.reset()
+            keys = sorted(averages)
+            values = torch.tensor([averages[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+            if self.accelerator.num_processes > 1:
+                values = self.accelerator.reduce(values, reduction="mean")
+            averages = dict(zip(keys, values.tolist()))
+            record = {"mode": "train", "epoch": self.epoch + 1, "iter": self.iter, **self.scheduled}
+            record.update({k: averages.pop(k) for k in ("time", "data_time") if k in averages})
+            if self.accelerator.device.type == "cuda":
+                record["memory"] = torch.cuda.max_memory_allocated(self.accelerator.device) // 2**20
+            record.update(averages)
+        self._record = (self.iter, record)
+        return record
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """Hand a record (an evaluation, a val phase) to every logger hook."""
+        for hook in self.hooks:
+            if isinstance(hook, LoggerHook):
+                hook.log(self, record)
 
     # ------------------------------------------------------------------ training
     def _batch(self, data_iter: Any) -> tuple[dict[str, torch.Tensor], float]:
@@ -192,6 +299,7 @@ class Trainer:
         batch = next(data_iter)
         waited = time.perf_counter() - start
         self.epoch_log.update(batch)
+        self.samples += len(batch["indices"])
         device = self.accelerator.device
         return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}, waited
 
@@ -206,68 +314,148 @@ class Trainer:
             logs.update(head_logs)
         return total, logs
 
-    def train_step(self, data_iter: Any) -> dict[str, Any]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+    def _scheduled_values(self) -> dict[str, float]:
+        """The lr (first group, and each group by name when there are several) and momentum this step uses."""
+        groups = self.optimizer.param_groups
+        values: dict[str, float] = {}
+        if "lr" in groups[0]:
+            values["lr"] = groups[0]["lr"]
+            if len(groups) > 1:
+                values.update({f"lr.{name}": g["lr"] for name, g in zip(self.group_names, groups)})
+        if self.cfg.momentum_config is not None:
+            values["momentum"] = groups[0]["betas"][0] if "betas" in groups[0] else groups[0]["momentum"]
+        return values
+
+    def train_iter(self, data_iter: Any) -> None:
+        """One iteration: ``gradient_accumulation_steps`` micro-batches forward and backward; the
+        optimizer steps in OptimizerHook (after_train_iter)."""
         acc = self.accelerator
         accum = self.cfg.gradient_accumulation_steps
-        logs: dict[str, Any] = {"data_time": 0.0}
-        group = self.optimizer.param_groups[0]  # the values this step uses (set before it)
-        scheduled = {"lr": group.get("lr")}
-        if any(s.target == "momentum" for s in self.schedulers):
-            scheduled["momentum"] = group["betas"][0] if "betas" in group else group["momentum"]
+        self.call_hook("before_train_iter")
+        self.scheduled = self._scheduled_values()
+        self.model.train()
+        logs: dict[str, Any] = {}
+        data_time = 0.0
         for _ in range(accum):
             batch, waited = self._batch(data_iter)
-            logs["data_time"] += waited
+            data_time += waited
             with acc.accumulate(self.model):
                 loss, head_logs = self.compute_losses(batch)
                 acc.backward(loss)
-                if acc.sync_gradients and self.grad_clip is not None:
-                    logs["grad_norm"] = acc.clip_grad_norm_(
-                        self.model.parameters(), self.grad_clip.max_norm, self.grad_clip.norm_type
-                    )
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
             for key, value in {"loss": loss.detach(), **head_logs}.items():
                 logs[key] = logs.get(key, 0.0) + value / accum
-        if not self.optimizer.step_was_skipped:  # fp16 overflow: the schedules wait too
-            for scheduler in self.schedulers:
-                scheduler.step()
-        logs["scheduled"] = scheduled
-        return logs
+        self.outputs = logs
+        self.log_buffer = {**logs, "data_time": data_time}
+        self.iter += 1
+        self.call_hook("after_train_iter")
+        if self._record is None or self._record[0] != self.iter:  # not taken by a logger at this iteration
+            self.meter.update(self.log_buffer)
+
+    @torch.no_grad()
+    def val_phase(self, data_iter: Any, iterations: int) -> None:
+        """A workflow ``val`` phase: the losses on the val data, no update."""
+        self.call_hook("before_val_epoch")
+        self.model.eval()
+        meter = IntervalMeter()
+        for _ in range(iterations):
+            self.call_hook("before_val_iter")
+            batch = next(data_iter)
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items() if torch.is_tensor(v)}
+            loss, logs = self.compute_losses(batch)
+            meter.update({"loss": loss, **logs})
+            self.call_hook("after_val_iter")
+        averages = meter.averages()
+        keys = sorted(averages)
+        values = torch.tensor([averages[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="mean")
+        self.emit({"mode": "val", "epoch": self.epoch + 1, "iter": self.iter, **dict(zip(keys, values.tolist()))})
+        self.call_hook("after_val_epoch")
+        self.model.train()
+
+    def _val_batches(self) -> Any:
+        """Endless val batches for workflow val phases (each process its shard, in order)."""
+        return itertools.chain.from_iterable(itertools.repeat(self.val_loader))
+
+    def _phases(self) -> Any:
+        """The workflow as (mode, count) phases from the current position onwards (a resumed run
+        picks up inside its cycle)."""
+        workflow = [tuple(p) for p in self.cfg.workflow]
+        unit = self.steps_per_epoch if self.by_epoch else 1
+        per_cycle = sum(n for mode, n in workflow if mode == "train") * unit
+        done = self.iter % per_cycle
+        for mode, count in itertools.cycle(workflow):
+            if mode == "train":
+                span = count * unit
+                if done >= span:
+                    done -= span
+                    continue
+                yield mode, span - done
+                done = 0
+            elif done == 0:
+                yield mode, count
 
     def train(self) -> dict[str, Any] | None:
-        """Train to ``runner.max_iters``, evaluate on the val set, export ``final/``."""
+        """Run the workflow to ``max_iters`` (``max_epochs``), then evaluate and export ``final/``."""
         acc = self.accelerator
-        max_iters = self.cfg.runner.max_iters
-        interval = self.cfg.log_config.interval
         data_iter = iter(self.train_loader)
-        meter = IntervalMeter()
-        start_iter, started = self.iter, time.perf_counter()
-        last = started
-        self.model.train()
-        with tqdm(total=max_iters, initial=self.iter, desc="train", disable=not acc.is_main_process,
+        val_iter = self._val_batches() if any(m == "val" for m, _ in self.cfg.workflow) else None
+        self._started, self._start_iter = time.perf_counter(), self.iter
+        if self.trackers:
+            acc.init_trackers(self.work_dir.name, config={"work_dir": str(self.work_dir)},
+                              init_kwargs=self._tracker_kwargs())
+        self.call_hook("before_run")
+        with tqdm(total=self.max_iters, initial=self.iter, desc="train", disable=not acc.is_main_process,
                   dynamic_ncols=True, mininterval=1.0) as bar:
-            while self.iter < max_iters:
-                logs = self.train_step(data_iter)
-                self.iter += 1
-                now = time.perf_counter()
-                logs["time"], last = now - last, now
-                scheduled = logs.pop("scheduled")
-                meter.update(logs)
-                bar.update(1)
-                if self.iter % interval == 0 or self.iter == max_iters:
-                    self._log_interval(meter, scheduled, started, start_iter)
-                    meter.reset()
+            for mode, count in self._phases():
+                if self.iter >= self.max_iters:
+                    break
+                if mode == "val":
+                    self.val_phase(val_iter, count if not self.by_epoch else count * len(self.val_loader))
+                    continue
+                self.call_hook("before_train_epoch")
+                for remaining in range(count - 1, -1, -1):
+                    if self.iter >= self.max_iters:
+                        break
+                    self.train_iter(data_iter)
+                    bar.update(1)
+                    if self.by_epoch and self.iter % self.steps_per_epoch == 0:
+                        self.call_hook("after_train_epoch")
+                        self.epoch += 1
+                        if remaining and self.iter < self.max_iters:
+                            self.call_hook("before_train_epoch")
+                if not self.by_epoch:
+                    self.call_hook("after_train_epoch")
         self.epoch_log.finish()
-        results = self.evaluate() if self.val_loader is not None else None
+        self.call_hook("after_run")
+        results = self.last_results
+        if results is None and self.val_loader is not None:
+            results = self.evaluate()
         self.export(self.work_dir / FINAL_DIR)
+        if self.trackers:
+            acc.end_training()
         return results
 
     # ------------------------------------------------------------------ evaluation and export
-    def evaluate(self) -> dict[str, Any]:
-        """mIoU etc. on the whole val set, identical for any number of processes."""
+    last_results: dict[str, Any] | None = None
+
+    @property
+    def trackers(self) -> list[str]:
+        return [h.tracker for h in self.hooks if isinstance(h, LoggerHook) and h.tracker]
+
+    def _tracker_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        for hook in self.hooks:
+            if isinstance(hook, LoggerHook):
+                kwargs.update(hook.tracker_kwargs(self))
+        return kwargs
+
+    def evaluate(self, metrics: list[str] | None = None) -> dict[str, Any]:
+        """Metrics on the whole val set, identical for any number of processes; written to
+        ``eval_results.json`` and handed to the logger hooks (per class too)."""
         acc = self.accelerator
         head = self.cfg.model.decode_head
+        metrics = metrics or (self.cfg.evaluation.metrics() if self.cfg.evaluation else ["mIoU"])
         cm = collect_confusion(
             acc.unwrap_model(self.model), self.val_loader, len(self.classes), head.ignore_index,
             head.align_corners, acc.device, autocast=acc.autocast, show_progress=acc.is_main_process,
@@ -275,32 +463,37 @@ class Trainer:
         )
         if acc.num_processes > 1:
             cm = acc.reduce(cm, reduction="sum")
-        results = metrics_from_confusion(cm, ("mIoU",))
+        results = metrics_from_confusion(cm, metrics)
         logger.info("per-class results at iter %d:\n%s", self.iter, format_table(self.classes, results["per_class"]))
-        logger.info("Iter(val) [%d]\t%s", self.iter, format_summary(results))
-        self.json_log.write({"mode": "val", "iter": self.iter,
-                             **{k: v for k, v in results.items() if k != "per_class"}})
+        summary = {k: v for k, v in results.items() if k != "per_class"}
+        per_class = {f"{column}.{name}": value for column, values in results["per_class"].items()
+                     for name, value in zip(self.classes, values)}
+        self.emit({"mode": "val", "epoch": self.epoch, "iter": self.iter, **summary, **per_class})
         if acc.is_main_process:
             payload = {
                 "iter": self.iter,
-                "metrics": {k: v for k, v in results.items() if k != "per_class"},
+                "epoch": self.epoch,
+                "metrics": summary,
                 "per_class": {c: dict(zip(self.classes, v)) for c, v in results["per_class"].items()},
                 "confusion_matrix": cm.cpu().tolist(),
                 "classes": self.classes,
                 "num_processes": acc.num_processes,
             }
             (self.work_dir / EVAL_RESULTS).write_text(json.dumps(payload, indent=2))
+        self.last_results = results
         return results
 
-    def export(self, out_dir: Path) -> None:
+    def export(self, out_dir: Path, wait: bool = True) -> None:
         """``save_pretrained`` (safetensors, id2label in config.json) on the main process."""
         acc = self.accelerator
-        acc.wait_for_everyone()
+        if wait:
+            acc.wait_for_everyone()
         if acc.is_main_process:
             model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
             model.save_pretrained(out_dir)
-            logger.info("exported the final model to %s", out_dir)
-        acc.wait_for_everyone()
+            logger.info("exported the model to %s", out_dir)
+        if wait:
+            acc.wait_for_everyone()
 
 
 class EpochBookkeeping:

@@ -254,12 +254,18 @@ class ParamScheduler:
         self.last_iter = 0
         self._apply()
 
-    def value(self, base: float, i: int) -> float:
-        return self.warmup.factor(i) * self.policy.value(base, i)
+    def value(self, base: float, i: int, warmup_i: int | None = None) -> float:
+        return self.warmup.factor(i if warmup_i is None else warmup_i) * self.policy.value(base, i)
 
-    def _apply(self) -> None:
+    def _apply(self, warmup_i: int | None = None) -> None:
         for group in self.optimizer.param_groups:
-            self._set(group, self.value(group[f"initial_{self.target}"], self.last_iter))
+            self._set(group, self.value(group[f"initial_{self.target}"], self.last_iter, warmup_i))
+
+    def apply(self, i: int, warmup_i: int | None = None) -> None:
+        """Set the values for step (or epoch, for by_epoch policies) ``i``; the warmup counts
+        optimizer steps ``warmup_i`` (default ``i``)."""
+        self.last_iter = i
+        self._apply(warmup_i)
 
     def step(self) -> None:
         self.last_iter += 1

@@ -1,0 +1,158 @@
+"""Checkpoints: full training state through Accelerate, written atomically, rotated, found again.
+
+A checkpoint is a folder (``iter_4000``, ``epoch_12``, ``best_mIoU_iter_8000``) holding
+what ``accelerator.save_state`` writes (model weights in safetensors, optimizer, loss
+scaler, the RNG state of every process, registered objects: the runner's state with the
+data position and the hooks' states) plus ``meta.json``. It is written under a
+temporary name and renamed once every process has finished, so an interrupted save
+never leaves a folder that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from seg_accel import __version__
+from seg_accel.errors import ConfigError
+
+if TYPE_CHECKING:
+    from seg_accel.engine.trainer import Trainer
+
+logger = logging.getLogger("seg_accel")
+
+META = "meta.json"
+_PERIODIC = re.compile(r"^(iter|epoch)_(\d+)$")
+
+
+class RunnerState:
+    """What the runner needs to continue exactly: counters, data position, hook states.
+    Registered with ``accelerator.register_for_checkpointing``."""
+
+    def __init__(self, runner: Trainer):
+        self.runner = runner
+
+    def state_dict(self) -> dict[str, Any]:
+        r = self.runner
+        return {
+            "iter": r.iter, "epoch": r.epoch, "optimizer_steps": r.optimizer_steps, "samples": r.samples,
+            "hooks": {h.name: h.state_dict() for h in r.hooks if hasattr(h, "state_dict")},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        r = self.runner
+        r.iter, r.epoch = int(state["iter"]), int(state["epoch"])
+        r.optimizer_steps, r.samples = int(state["optimizer_steps"]), int(state["samples"])
+        for hook in r.hooks:
+            if hook.name in state["hooks"] and hasattr(hook, "load_state_dict"):
+                hook.load_state_dict(state["hooks"][hook.name])
+
+
+def save_checkpoint(runner: Trainer, path: Path, save_optimizer: bool = True, export: Path | None = None) -> None:
+    """Every process writes its part into ``.<name>.tmp``; the main process renames it."""
+    acc = runner.accelerator
+    tmp = path.parent / f".{path.name}.tmp"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    optimizers = acc._optimizers  # Accelerate saves every prepared optimizer; save_optimizer: false leaves it out
+    if not save_optimizer:
+        acc._optimizers = []
+    try:
+        acc.save_state(str(tmp))
+    finally:
+        acc._optimizers = optimizers
+    if acc.is_main_process:
+        if export is not None:
+            runner.export(tmp / export.relative_to(path), wait=False)
+        meta = {"iter": runner.iter, "epoch": runner.epoch, "optimizer_steps": runner.optimizer_steps,
+                "save_optimizer": save_optimizer, "seg_accel": __version__}
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+        logger.info("saved checkpoint %s", path)
+    acc.wait_for_everyone()
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / META).is_file() and not path.name.startswith(".")
+
+
+def periodic_checkpoints(folder: Path) -> list[Path]:
+    """``iter_*``/``epoch_*`` checkpoints, oldest first (by their number)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _PERIODIC.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: int(_PERIODIC.match(p.name).group(2)))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (by its saved iteration), ``best_*`` included."""
+    if not folder.is_dir():
+        return None
+    found = [p for p in folder.iterdir() if is_complete(p)]
+    if not found:
+        return None
+    return max(found, key=lambda p: (json.loads((p / META).read_text())["iter"], not p.name.startswith("best_")))
+
+
+def rotate(folder: Path, max_keep: int) -> None:
+    """Keep the newest ``max_keep`` periodic checkpoints (best ones are never touched)."""
+    if max_keep <= 0:
+        return
+    for old in periodic_checkpoints(folder)[:-max_keep]:
+        remove_checkpoint(old)
+
+
+def remove_checkpoint(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    logger.info("removed checkpoint %s", path)
+
+
+def remove_unfinished(folder: Path) -> None:
+    """Temporary folders of saves that were interrupted."""
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            logger.warning("removed an interrupted checkpoint save: %s", tmp)
+
+
+def load_checkpoint(runner: Trainer, path: Path, key: str = "resume_from") -> None:
+    """Restore the full state (``resume_from``/``auto_resume``)."""
+    if not is_complete(path):
+        raise ConfigError(f"not a complete seg-accel checkpoint (no {META}): {path}", key=key)
+    meta = json.loads((path / META).read_text())
+    acc = runner.accelerator
+    optimizers = acc._optimizers
+    if not meta.get("save_optimizer", True):
+        acc._optimizers = []
+        logger.warning("checkpoint %s has no optimizer state (save_optimizer: false); the optimizer starts afresh",
+                       path)
+    try:
+        acc.load_state(str(path))
+    finally:
+        acc._optimizers = optimizers
+    logger.info("resumed from %s: continuing at iteration %d", path, runner.iter + 1)
+
+
+def load_weights(model: Any, path: Path, key: str = "load_from") -> None:
+    """Weights only (``load_from``): a checkpoint folder or a ``save_pretrained`` folder."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if not files:
+        raise ConfigError(f"no .safetensors weights in {path}", key=key)
+    state: dict[str, Any] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        logger.warning("load_from %s: %d missing and %d unexpected keys (e.g. %s)", path, len(missing),
+                       len(unexpected), (missing or unexpected)[:3])
+    logger.info("loaded weights from %s", path)
