@@ -75,12 +75,17 @@ def run_script(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> 
     )
 
 
+def launch_command(args: list[str], num_processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_config.yaml"),
+            "--num_processes", str(num_processes), "--main_process_port", str(_free_port()), *args]
+
+
 def accelerate_launch(args: list[str], cwd: Path, num_processes: int = 2, timeout: float = 600,
                       **env: str) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file accelerate_config.yaml --num_processes N <args>``."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_config.yaml"),
-           "--num_processes", str(num_processes), "--main_process_port", str(_free_port()), *args]
-    return subprocess.run(cmd, cwd=cwd, env=script_env(**env), capture_output=True, text=True, timeout=timeout)
+    """``accelerate launch --config_file accelerate_config.yaml --num_processes N <args>``, in a
+    session of its own (a hook may kill the whole process group)."""
+    return subprocess.run(launch_command(args, num_processes), cwd=cwd, env=script_env(**env), capture_output=True,
+                          text=True, timeout=timeout, start_new_session=True)
 
 
 def _free_port() -> int:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from collections import Counter
 
+import torch
+
 import pytest
 
 from seg_accel.data.streaming import plan_epoch, usable_workers
@@ -124,3 +126,27 @@ def test_streamed_training_on_two_processes_logs_the_repeats(tmp_path):
         in proc.stdout
     log = next((tmp_path / "work").glob("*.log")).read_text()
     assert "Iter [12/12]" in log
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("shards", [[10, 10, 10, 10], [13, 12, 12]])
+def test_stream_resumes_exactly_where_it_stopped(tmp_path, workers, shards):
+    from seg_accel.data import build_dataset, collate
+    from seg_accel.data.streaming import ShardStream, StreamBatches
+    from tests.parquet_data import CLASSES
+
+    write_parquet_dataset(tmp_path / "ds", shards)
+    dataset = build_dataset({"type": "HubDataset", "path": str(tmp_path / "ds"), "streaming": True,
+                             "classes": CLASSES, "pipeline": [{"type": "RandomFlip", "prob": 0.5}]}, "data.train")
+
+    def batches(start, n):
+        stream = ShardStream(dataset, 1, 2, seed=5, buffer_size=4, batch_size=3, start_samples=start)
+        it = iter(StreamBatches(stream, 3, workers, collate))
+        return [next(it) for _ in range(n)]
+
+    straight = batches(0, 30)  # 90 samples: several epochs of 18-20 per process
+    for stop in (4, 7, 13):
+        resumed = batches(stop * 3, 30 - stop)
+        for a, b in zip(straight[stop:], resumed):
+            assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["indices"].tolist() == b["indices"].tolist()
+            assert a["epochs"].tolist() == b["epochs"].tolist()

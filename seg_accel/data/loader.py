@@ -113,7 +113,8 @@ def build_train_loader(
     if getattr(dataset, "streaming", False):
         from seg_accel.data.streaming import ShardStream, StreamBatches, usable_workers
 
-        stream = ShardStream(dataset, rank, world_size, seed, shuffle, buffer_size, samples_per_gpu)
+        stream = ShardStream(dataset, rank, world_size, seed, shuffle, buffer_size, samples_per_gpu,
+                             start_samples=start)
         workers = usable_workers(len(dataset.shards), world_size, workers_per_gpu)
         return StreamBatches(stream, samples_per_gpu, workers, collate, pin_memory)
     sampler = InfiniteShardedSampler(len(dataset), rank, world_size, seed, shuffle=shuffle, start=start)

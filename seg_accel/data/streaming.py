@@ -118,13 +118,16 @@ class ShardStream(IterableDataset):
 
     Yields prepared samples with ``index`` (position in the epoch), ``epoch``,
     ``repeat`` (a repeated sample that evens out the processes) and ``skipped``.
+    ``start_samples`` resumes exactly: the samples this process consumed are replayed
+    (whole epochs by counting alone) and passed over before they are decoded.
     """
 
     def __init__(self, dataset: Any, rank: int, world: int, seed: int, shuffle: bool = True,
                  buffer_size: int = 1000, batch_size: int = 1, start_epoch: int = 0, epochs: int | None = None,
-                 pad: bool = True):
+                 pad: bool = True, start_samples: int = 0):
         self.dataset, self.rank, self.world = dataset, rank, world
         self.pad = pad  # evaluation: no repeats (no process waits for another there)
+        self.start_samples = start_samples  # samples this process consumed before a resume
         self.seed, self.shuffle, self.buffer_size = seed, shuffle, buffer_size
         self.batch_size = batch_size
         self.start_epoch, self.epochs = start_epoch, epochs
@@ -184,55 +187,104 @@ class ShardStream(IterableDataset):
                             f"{type(exc).__name__}: {exc}") from exc
         return img, self.dataset.check(position, img, label)
 
-    def _epoch(self, epoch: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+    def _count(self, plan: EpochPlan, worker: int, workers: int) -> int:
+        """How many samples this worker delivers in the plan's epoch (without reading anything)."""
+        shards = plan.rank_shards[worker::workers]
+        if plan.mode == "shards":
+            count = sum(self.rows[s] for s in shards)
+        else:
+            count = 0
+            for s in shards:
+                start, end = plan.offsets[s], plan.offsets[s] + self.rows[s]
+                count += len(range(start + (self.rank - start) % self.world, end, self.world))
+        if worker == 0 and self.pad:
+            count += plan.target - plan.counts[self.rank]
+        return count
+
+    def _epoch(self, epoch: int, worker: int, workers: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        """This worker's samples of one epoch; the first ``skip`` were consumed before a resume and
+        are passed over (not decoded, unless bad samples must be detected to replay substitutions)."""
         plan = self.plan(epoch)
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 2])
         total = len(self.dataset)
         needed = plan.target - plan.counts[self.rank] if worker == 0 and self.pad else 0
+        decode_skipped = self.dataset.skip_bad_samples
         emitted: list[tuple[int, dict[str, Any]]] = []  # the first rows, for repeats
         last_good: tuple[int, dict[str, Any]] | None = None
         pending: list[str] = []  # bad rows waiting for a good one to stand in for them
+        count = 0
 
-        def emit(position: int, row: dict[str, Any], img, label, repeat: bool, skipped: list[str]) -> dict:
+        def emit(position: int, img: Any, label: Any, repeat: bool, skipped: list[str]) -> dict | None:
+            nonlocal count
+            count += 1
+            if count <= skip:
+                return None
             # the same augmentation seed as a map-style loader at this stream position
             sample = self.dataset.prepare(position, img, label, sample_seed(self.seed, epoch * total + position))
             sample.update(epoch=epoch, repeat=repeat, skipped=skipped)
             return sample
 
         for position, row in self._shuffled(self._rows(plan, worker, workers), rng):
+            if count < skip and not decode_skipped:
+                count += 1
+                if len(emitted) < needed:
+                    emitted.append((position, row))
+                continue
             try:
                 img, label = self._load(epoch, position, row)
             except DataError as exc:
-                if not self.dataset.skip_bad_samples:
+                if not decode_skipped:
                     raise
                 if last_good is None:
                     pending.append(str(exc))
                     continue
-                position, row = last_good  # a good sample stands in, so every process keeps its count
-                img, label = self._load(epoch, position, row)
-                yield emit(position, row, img, label, True, [str(exc)])
+                stand_in = self._load(epoch, *last_good)  # a good sample stands in: every process keeps its count
+                sample = emit(last_good[0], *stand_in, True, [str(exc)])
+                if sample is not None:
+                    yield sample
                 continue
             for reason in pending:  # bad rows before the first good one
-                yield emit(position, row, img, label, True, [reason])
+                sample = emit(position, img, label, True, [reason])
+                if sample is not None:
+                    yield sample
             pending = []
             last_good = (position, row)
             if len(emitted) < needed:
                 emitted.append((position, row))
-            yield emit(position, row, img, label, False, [])
+            sample = emit(position, img, label, False, [])
+            if sample is not None:
+                yield sample
         if pending:
             raise DataError(f"{self.dataset.key}: every sample this worker read in epoch {epoch} is bad; "
                             f"the last: {pending[-1]}")
         for i in range(needed):  # even out the processes: repeat a few of this epoch's samples
             position, row = emitted[i % len(emitted)]
-            img, label = self._load(epoch, position, row)
-            yield emit(position, row, img, label, True, [])
+            if count < skip:
+                count += 1
+                continue
+            sample = emit(position, *self._load(epoch, position, row), True, [])
+            if sample is not None:
+                yield sample
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader takes samples from its workers in turn, starting with worker 0. After
+        # `start_samples` the next one is due from worker start_samples % workers: loader worker
+        # `id` plays that role, so the interleaving goes on exactly. Of the consumed samples this
+        # (logical) worker delivered every workers-th: skip whole epochs by counting, then the rest.
+        worker = (worker + self.start_samples) % workers
+        skip = len(range(worker, self.start_samples, workers))
         epoch = self.start_epoch
+        while skip > 0:
+            count = self._count(self.plan(epoch), worker, workers)
+            if count == 0 or skip < count:
+                break
+            skip -= count
+            epoch += 1
         while self.epochs is None or epoch < self.start_epoch + self.epochs:
-            yield from self._epoch(epoch, worker, workers)
+            yield from self._epoch(epoch, worker, workers, skip)
+            skip = 0
             epoch += 1
 
 

@@ -145,12 +145,16 @@ def load_weights(model: Any, path: Path, key: str = "load_from") -> None:
     """Weights only (``load_from``): a checkpoint folder or a ``save_pretrained`` folder."""
     from safetensors.torch import load_file
 
-    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not files:
         raise ConfigError(f"no .safetensors weights in {path}", key=key)
-    state: dict[str, Any] = {}
-    for file in files:
-        state.update(load_file(str(file)))
+    if (path / "config.json").is_file():  # a save_pretrained export: transformers maps its key names
+        state = type(model).from_pretrained(path).state_dict()
+    else:  # an Accelerate checkpoint: the model's own state dict
+        state = {}
+        for file in files:
+            state.update(load_file(str(file)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         logger.warning("load_from %s: %d missing and %d unexpected keys (e.g. %s)", path, len(missing),
