@@ -55,7 +55,10 @@ class Registry:
 
         def deco(obj):
             reg_name = name or obj.__name__
-            if reg_name in self._entries and self._entries[reg_name] is not obj and not force:
+            existing = self._entries.get(reg_name)
+            reloaded = existing is not None and (getattr(existing, "__module__", None), getattr(
+                existing, "__qualname__", None)) == (getattr(obj, "__module__", None), getattr(obj, "__qualname__", None))
+            if existing is not None and existing is not obj and not force and not reloaded:
                 raise KeyError(
                     f"{self.kind} '{reg_name}' is already registered by {self._entries[reg_name]!r}; "
                     "pass force=True to replace it"

@@ -186,8 +186,9 @@ class CheckpointHook(Hook):
             self._save(runner, f"iter_{runner.iter}")
 
     def after_train_epoch(self, runner: Trainer) -> None:
-        if self.cfg.by_epoch and every_n(runner.epoch, self.cfg.interval):
-            self._save(runner, f"epoch_{runner.epoch}")
+        finished = runner.epoch + 1  # runner.epoch counts from 0 and moves on after this hook point
+        if self.cfg.by_epoch and every_n(finished, self.cfg.interval):
+            self._save(runner, f"epoch_{finished}")
 
     def after_run(self, runner: Trainer) -> None:
         if self.cfg.save_last and self.last_saved != runner.iter:
@@ -223,10 +224,11 @@ class EvalHook(Hook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_score, self.best_dir = state["best_score"], state["best_dir"]
 
-    def _evaluate(self, runner: Trainer) -> None:
+    def _evaluate(self, runner: Trainer, epoch: int | None = None) -> None:
         if self.last_iter == runner.iter:
             return
         self.last_iter = runner.iter
+        self.epoch = runner.epoch if epoch is None else epoch
         results = runner.evaluate(self.cfg.metrics())
         if self.key is None:
             return
@@ -240,7 +242,7 @@ class EvalHook(Hook):
     def _save_best(self, runner: Trainer, score: float) -> None:
         from seg_accel.engine.checkpoint import remove_checkpoint, save_checkpoint
 
-        name = f"best_{self.key}_{'epoch' if self.by_epoch else 'iter'}_{runner.epoch if self.by_epoch else runner.iter}"
+        name = f"best_{self.key}_{'epoch' if self.by_epoch else 'iter'}_{self.epoch if self.by_epoch else runner.iter}"
         previous = self.best_dir
         save_checkpoint(runner, runner.checkpoint_dir / name, save_optimizer=True,
                         export=runner.checkpoint_dir / name / "pretrained")
@@ -249,7 +251,7 @@ class EvalHook(Hook):
             if previous and previous != name:
                 remove_checkpoint(runner.checkpoint_dir / previous)
             logger.info("best %s %.2f at %s: saved %s", self.key, score,
-                        f"epoch {runner.epoch}" if self.by_epoch else f"iter {runner.iter}", runner.checkpoint_dir / name)
+                        f"epoch {self.epoch}" if self.by_epoch else f"iter {runner.iter}", runner.checkpoint_dir / name)
         runner.accelerator.wait_for_everyone()
 
     def after_train_iter(self, runner: Trainer) -> None:
@@ -257,8 +259,8 @@ class EvalHook(Hook):
             self._evaluate(runner)
 
     def after_train_epoch(self, runner: Trainer) -> None:
-        if self.by_epoch and every_n(runner.epoch, self.cfg.interval):
-            self._evaluate(runner)
+        if self.by_epoch and every_n(runner.epoch + 1, self.cfg.interval):
+            self._evaluate(runner, runner.epoch + 1)
 
     def after_run(self, runner: Trainer) -> None:
         self._evaluate(runner)

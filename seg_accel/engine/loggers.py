@@ -130,7 +130,8 @@ class WandbLoggerHook(TrackerLoggerHook):
 
 @HOOKS.register()
 class MlflowLoggerHook(TrackerLoggerHook):
-    """MLflow; without ``MLFLOW_TRACKING_URI`` the runs go to ``<work_dir>/mlruns`` (a local store)."""
+    """MLflow; without ``MLFLOW_TRACKING_URI`` the runs go to ``<work_dir>/mlruns`` (a local store);
+    ``exp_name`` names the experiment (default: the work dir's name)."""
 
     tracker, package = "mlflow", "mlflow"
 
@@ -139,11 +140,16 @@ class MlflowLoggerHook(TrackerLoggerHook):
         self.exp_name, self.tracking_uri = exp_name, tracking_uri
 
     def tracker_kwargs(self, runner: Trainer) -> dict[str, Any]:
-        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or Path(runner.work_dir, "mlruns").resolve().as_uri()
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri is None:  # a local file store needs no server (MLflow 3 asks for this opt-in)
+            uri = Path(runner.work_dir, "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         if runner.accelerator.is_main_process:
             import mlflow
 
             mlflow.set_tracking_uri(uri)
+        if self.exp_name:  # Accelerate's MLflow tracker reads the experiment name from here first
+            os.environ["MLFLOW_EXPERIMENT_NAME"] = self.exp_name
         return {"mlflow": {"run_name": Path(runner.work_dir).name}}
 
 

@@ -408,8 +408,8 @@ class Trainer:
         with tqdm(total=self.max_iters, initial=self.iter, desc="train", disable=not acc.is_main_process,
                   dynamic_ncols=True, mininterval=1.0) as bar:
             for mode, count in self._phases():
-                if self.iter >= self.max_iters:
-                    break
+                if mode == "train" and self.iter >= self.max_iters:
+                    break  # as mmcv: a val phase after the last train phase still runs
                 if mode == "val":
                     self.val_phase(val_iter, count if not self.by_epoch else count * len(self.val_loader))
                     continue

@@ -53,9 +53,23 @@ def merge_groups(decisions: list[Decision]) -> list[dict[str, Any]]:
         groups[key]["params"].append(d.param)
         if d.rule not in groups[key]["rule"]:
             groups[key]["rule"].append(d.rule)
+    names: set[str] = set()
     for group in groups.values():
+        name = group_name(group["rule"][0])
+        while name in names:
+            name += "_"
+        names.add(name)
+        group["name"] = name  # in logs: lr.<name>
         group["rule"] = ", ".join(group["rule"])
     return list(groups.values())
+
+
+def group_name(rule: str) -> str:
+    """A short name from a rule label: custom_keys['head'] -> head, layer 3 (no decay) -> layer3_no_decay."""
+    match = re.fullmatch(r"custom_keys\['(.*)'\]", rule)
+    if match:
+        rule = match.group(1)
+    return re.sub(r"[^0-9A-Za-z_]+", "_", rule.replace("layer ", "layer")).strip("_") or "group"
 
 
 def check_coverage(model: nn.Module, groups: list[dict[str, Any]]) -> None:
