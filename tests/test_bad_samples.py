@@ -1,7 +1,6 @@
 """Bad samples: an error naming dataset, split, index and file or row; or skipped and counted."""
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
