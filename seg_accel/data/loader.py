@@ -27,9 +27,16 @@ def epoch_order(size: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor
     return torch.randperm(size, generator=gen)
 
 
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a cheap bijective scramble of 64-bit integers."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
 def sample_seed(seed: int, position: int) -> int:
-    """Augmentation seed of the sample at global stream ``position``."""
-    return int(np.random.SeedSequence([seed, position]).generate_state(1, dtype=np.uint64)[0] % _SEED_MOD)
+    """Augmentation seed of the sample at global stream ``position`` (a pure function of both)."""
+    return _mix64((_mix64(seed & 0xFFFFFFFFFFFFFFFF) + position * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) % _SEED_MOD
 
 
 class InfiniteShardedSampler(Sampler):

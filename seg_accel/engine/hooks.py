@@ -109,7 +109,7 @@ class OptimizerHook(Hook):
 
     def after_train_iter(self, runner: Trainer) -> None:
         acc, optimizer = runner.accelerator, runner.optimizer
-        params = [p for p in runner.model.parameters() if p.grad is not None]
+        params = [p for p in runner.trainable_params if p.grad is not None]
         if self.grad_clip is not None:
             norm = acc.clip_grad_norm_(params, self.grad_clip.max_norm, self.grad_clip.norm_type)
             runner.log_buffer["grad_norm"] = norm

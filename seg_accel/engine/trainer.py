@@ -140,6 +140,7 @@ class Trainer:
         group_table = param_group_table(model, optimizer, getattr(constructor, "notes", None))
         self.group_names = [g.get("name", f"group{i}") for i, g in enumerate(optimizer.param_groups)]
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.trainable_params = [p for group in optimizer.param_groups for p in group["params"]]
         self.schedulers = []
 
         self.hooks: list[Hook] = []
@@ -333,7 +334,8 @@ class Trainer:
         accum = self.cfg.gradient_accumulation_steps
         self.call_hook("before_train_iter")
         self.scheduled = self._scheduled_values()
-        self.model.train()
+        if not self.model.training:
+            self.model.train()
         logs: dict[str, Any] = {}
         data_time = 0.0
         for _ in range(accum):
