@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import sys
 from pathlib import Path
@@ -41,19 +40,6 @@ def setup_logging(work_dir: str | Path | None, is_main: bool, timestamp: str | N
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(file_handler)
     return timestamp
-
-
-class JsonLog:
-    """One JSON object a line (``<work_dir>/<timestamp>.log.json``); a no-op without a path
-    (processes other than the main one)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-
-    def write(self, record: dict) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 class IntervalMeter:

@@ -164,6 +164,7 @@ class Trainer:
         self.epoch_log = EpochBookkeeping(acc.process_index, stream.plan if stream is not None else None)
 
         self.meter = IntervalMeter()
+        self.last_results: dict[str, Any] | None = None  # the latest evaluation
         self.log_buffer: dict[str, Any] = {}
         self.outputs: dict[str, Any] = {}
         self._record: tuple[int, dict[str, Any] | None] | None = None
@@ -439,8 +440,6 @@ class Trainer:
         return results
 
     # ------------------------------------------------------------------ evaluation and export
-    last_results: dict[str, Any] | None = None
-
     @property
     def trackers(self) -> list[str]:
         return [h.tracker for h in self.hooks if isinstance(h, LoggerHook) and h.tracker]

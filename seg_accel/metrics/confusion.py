@@ -94,8 +94,3 @@ def format_table(class_names: Sequence[str], per_class: dict[str, list[float]]) 
 
     sep = "+-" + "-+-".join("-" * w for w in widths) + "-+"
     return "\n".join([sep, line(headers), sep, *(line(r) for r in rows), sep])
-
-
-def format_summary(result: dict[str, object]) -> str:
-    """'aAcc: 95.12  mIoU: 80.33  mAcc: 88.01'"""
-    return "  ".join(f"{k}: {v:.2f}" for k, v in result.items() if k != "per_class" and isinstance(v, float))
