@@ -164,3 +164,41 @@ def class_weights_cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--method", choices=METHODS, default="median_freq", help="how weights follow from counts")
     parser.add_argument("--out", required=True, help="JSON file for the weights (class_weight accepts it)")
     return run_cli(_class_weights, parser, argv)
+
+
+# --------------------------------------------------------------------------- evaluate
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from seg_accel.config import load_config, resolve_work_dir
+    from seg_accel.config.schema import errors_located_in, validate_train_config
+
+    if not 0.0 <= args.opacity <= 1.0:
+        raise ConfigError(f"must be in [0, 1], got {args.opacity}", key="--opacity")
+    cfg = load_config(args.config, args.cfg_options)
+    train_cfg = validate_train_config(cfg)
+    out = Path(args.out) if args.out else Path(resolve_work_dir(cfg, None)) / "eval" / "results.json"
+
+    from seg_accel.engine.tester import evaluate_checkpoint
+
+    with errors_located_in(cfg):
+        evaluate_checkpoint(train_cfg, cfg, args.checkpoint, args.metrics, args.aug_test, out,
+                            Path(args.show_dir) if args.show_dir else None, args.opacity)
+    return 0
+
+
+def evaluate_cli(argv: Sequence[str] | None = None) -> int:
+    from seg_accel.metrics import METRIC_COLUMNS
+
+    parser = config_parser("Evaluate a checkpoint on data.test (else data.val); run under `accelerate launch` "
+                           "for several processes.")
+    parser.add_argument("checkpoint", help="a training checkpoint folder, a save_pretrained folder or a Hub id")
+    parser.add_argument("--metrics", nargs="+", default=["mIoU"], choices=sorted(METRIC_COLUMNS),
+                        help="mIoU (IoU, Acc), mDice (Dice, Acc), mFscore (Fscore, Precision, Recall)")
+    parser.add_argument("--aug-test", action="store_true",
+                        help="multi-scale (model.test_cfg.img_ratios, default 0.5-1.75) and flip test-time augmentation")
+    parser.add_argument("--out", help="results JSON (default: <work_dir>/eval/results.json); the confusion-matrix and "
+                                      "IoU charts go beside it")
+    parser.add_argument("--show-dir", help="write an overlay (prediction | ground truth) per image here")
+    parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity in [0, 1]")
+    return run_cli(_evaluate, parser, argv)

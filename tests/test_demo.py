@@ -6,7 +6,7 @@ import json
 import pytest
 
 from seg_accel.engine import EVAL_RESULTS
-from tests.conftest import REPO, accelerate_launch
+from tests.conftest import REPO, accelerate_launch, run_script
 
 
 @pytest.mark.slow
@@ -20,3 +20,10 @@ def test_demo_reaches_80_miou_on_two_processes(tmp_path):
     assert results["num_processes"] == 2
     assert results["metrics"]["mIoU"] >= 80.0, results["metrics"]
     assert f"mIoU: {results['metrics']['mIoU']:.2f}" in proc.stdout  # the number the user sees
+
+    # the number reported during training is the number the exported model gets on its own
+    # (BatchNorm statistics are per process under DDP: process 0's are used for both)
+    evaluated = run_script([str(REPO / "scripts/evaluate.py"), str(REPO / "configs/demo/segformer_synthetic.yaml"),
+                            str(tmp_path / "work" / "final"), "--out", str(tmp_path / "eval.json")], cwd=REPO)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["confusion_matrix"] == results["confusion_matrix"]

@@ -114,11 +114,12 @@ def test_two_processes_shard_data_and_report_the_single_process_miou(tmp_path):
     (tmp_path / "recording_shapes.py").write_text(RECORDING_MODULE)
     records = tmp_path / "records"
     records.mkdir()
-    cfg = tiny_config(custom_imports={"imports": ["recording_shapes"]})
-    cfg["runner"]["max_iters"] = 6
+    cfg = tiny_config(custom_imports={"imports": ["recording_shapes"]}, optimizer={"type": "AdamW", "lr": 0.01})
+    cfg["runner"]["max_iters"] = 20
     for split in ("train", "val"):
         cfg["data"][split].update(type="RecordingShapes", record_dir=str(records), split=split)
-    cfg["data"]["val"]["num_samples"] = 9  # odd: the shards differ in size, nothing may be padded
+    cfg["data"]["train"]["num_samples"] = 128  # 20 steps x 2 samples x 2 processes: within the first epoch
+    cfg["data"]["val"]["num_samples"] = 37  # odd: the shards differ in size, nothing may be padded
     path = write_yaml(tmp_path / "exp.yaml", cfg)
     proc = accelerate_launch([str(REPO / "scripts/train.py"), str(path), "--work-dir", str(tmp_path / "work")],
                              cwd=tmp_path, timeout=300)
@@ -129,10 +130,10 @@ def test_two_processes_shard_data_and_report_the_single_process_miou(tmp_path):
         return [int(x) for x in (records / f"{split}_rank{rank}.txt").read_text().split()]
 
     train0, train1 = seen("train", 0), seen("train", 1)
-    assert len(train0) == len(train1) == 6 * 2  # same number of steps, 2 samples per step each
+    assert len(train0) == len(train1) == 20 * 2  # same number of steps, 2 samples per step each
     assert not set(train0) & set(train1)  # different data on the two ranks (first epoch: no repeats)
     val0, val1 = seen("val", 0), seen("val", 1)
-    assert sorted(val0 + val1) == list(range(9))  # every val sample exactly once overall
+    assert sorted(val0 + val1) == list(range(37))  # every val sample exactly once overall
 
     # the mIoU the 2-process run reported equals a single-process evaluation of the same weights
     reported = json.loads((tmp_path / "work" / EVAL_RESULTS).read_text())
@@ -261,3 +262,26 @@ def test_a_step_skipped_by_the_loss_scaler_does_not_advance_the_schedules(tmp_pa
     assert lrs[2] == lrs[3]  # the schedule waited one step
     assert trainer.optimizer_steps == 4 and trainer.iter == 5
     assert all(scheduler.last_iter == 3 for scheduler in trainer.schedulers)  # set before the 5th iteration
+
+
+def _broadcast_probe():
+    import torch
+    from accelerate import Accelerator
+
+    from seg_accel.engine.trainer import Trainer
+
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    model[1].running_mean.fill_(float(acc.process_index + 1))  # differs per process, as after DDP training
+    model[1].running_var.fill_(float(10 * (acc.process_index + 1)))
+    runner = Trainer.__new__(Trainer)
+    runner.accelerator, runner.model = acc, model
+    runner.broadcast_norm_buffers()
+    assert model[1].running_mean.tolist() == [1.0, 1.0] and model[1].running_var.tolist() == [10.0, 10.0]
+
+
+@pytest.mark.multiprocess
+def test_norm_statistics_come_from_process_zero_before_evaluation():
+    from accelerate import debug_launcher
+
+    debug_launcher(_broadcast_probe, num_processes=2)

@@ -62,6 +62,28 @@ class DecodeHeadConfig(HeadConfig):
 
 
 @dataclass
+class TestConfig:
+    """``model.test_cfg``: how evaluation runs the model (SPEC section 9): ``whole`` images or
+    ``slide`` windows of ``crop_size`` every ``stride`` pixels ([h, w]); ``img_ratios`` and
+    ``flip`` average the softmax probabilities over rescaled and flipped inputs."""
+
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: list[int] | None = None
+    stride: list[int] | None = None
+    img_ratios: list[float] | None = None
+    flip: bool = False
+
+    def validate(self, key: str) -> None:
+        for name in ("crop_size", "stride"):
+            value = getattr(self, name)
+            if self.mode == "slide" and (value is None or len(value) != 2 or min(value) < 1):
+                raise ConfigError(f"mode: slide needs {name}: [h, w] of positive integers, got {value}",
+                                  key=f"{key}.{name}")
+        if self.img_ratios is not None and (not self.img_ratios or min(self.img_ratios) <= 0):
+            raise ConfigError(f"must be positive numbers, got {self.img_ratios}", key=f"{key}.img_ratios")
+
+
+@dataclass
 class ModelConfig:
     """``model``: a transformers ``*ForSemanticSegmentation`` class and how to initialise it."""
 
@@ -70,6 +92,7 @@ class ModelConfig:
     config: dict[str, Any] = field(default_factory=dict)
     decode_head: DecodeHeadConfig = field(default_factory=DecodeHeadConfig)
     auxiliary_head: HeadConfig | None = None
+    test_cfg: TestConfig = field(default_factory=TestConfig)
 
     def validate(self, key: str) -> None:
         from seg_accel.models.builder import check_model_config
@@ -97,7 +120,9 @@ class DataConfig:
     samples_per_gpu: int = 2
     workers_per_gpu: int = 2
     val: Annotated[dict | None, Spec(DATASETS)] = None
+    test: Annotated[dict | None, Spec(DATASETS)] = None  # scripts/evaluate.py uses it (else val)
     val_dataloader: LoaderConfig = field(default_factory=lambda: LoaderConfig(samples_per_gpu=1))
+    test_dataloader: LoaderConfig = field(default_factory=lambda: LoaderConfig(samples_per_gpu=1))
     shuffle: bool = True  # each epoch in a new order (seeded by `seed`)
     shuffle_buffer_size: int = 1000  # streamed data: samples each worker shuffles among
     skip_bad_samples: bool = False  # replace (and report) unreadable or invalid samples instead of stopping
@@ -304,7 +329,7 @@ def _dry_build(cfg: TrainConfig) -> None:
     from seg_accel.models.builder import build_empty_model
     from seg_accel.optim import build_constructor, build_lr_scheduler, build_momentum_scheduler
 
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         dataset_cfg = getattr(cfg.data, split)
         if dataset_cfg is not None:
             build_pipeline(dataset_cfg.get("pipeline"), f"data.{split}.pipeline")
@@ -359,12 +384,14 @@ def validate_train_config(cfg: Config) -> TrainConfig:
     with errors_located_in(cfg):
         train_cfg = parse_section(cfg.dict, TrainConfig, None)
         classes = dataset_classes(train_cfg.data.train, "data.train")
-        if train_cfg.data.val is not None:
-            val_classes = dataset_classes(train_cfg.data.val, "data.val")
-            if val_classes != classes:
-                raise ConfigError(
-                    f"the val set's classes {val_classes} differ from the training set's {classes}", key="data.val"
-                )
+        for split in ("val", "test"):
+            if getattr(train_cfg.data, split) is not None:
+                other = dataset_classes(getattr(train_cfg.data, split), f"data.{split}")
+                if other != classes:
+                    raise ConfigError(
+                        f"the {split} set's classes {other} differ from the training set's {classes}",
+                        key=f"data.{split}",
+                    )
         from seg_accel.models.builder import check_model_against_data
 
         check_model_against_data(train_cfg.model, classes, "model")

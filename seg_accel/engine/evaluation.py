@@ -1,17 +1,16 @@
-"""Evaluation on the val set: a confusion matrix per process, summed once."""
+"""Evaluation on a dataset: a confusion matrix per process, summed once across processes."""
 from __future__ import annotations
 
-import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from seg_accel.losses.head import predict, resize_logits
+from seg_accel.engine.inference import Inferencer
 from seg_accel.metrics import confusion_matrix
-from seg_accel.models.builder import segmentation_logits
 
 logger = logging.getLogger("seg_accel")
 
@@ -27,21 +26,24 @@ def collect_confusion(
     autocast: Any = None,
     show_progress: bool = False,
     threshold: float | None = None,
+    inferencer: Inferencer | None = None,
+    on_batch: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """This process's confusion matrix over its shard of ``loader`` (whole-image inference,
-    logits resized to each original label size)."""
+    """This process's confusion matrix over its shard of ``loader``: scores at each original
+    label size (``inferencer``: whole image by default), class ids, ``bincount``.
+    ``on_batch(batch, predictions)`` sees every batch (visualisation)."""
+    inferencer = inferencer or Inferencer(None, align_corners, autocast, threshold)
     was_training = model.training
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    ctx = autocast if autocast is not None else contextlib.nullcontext
     try:
         for batch in tqdm(loader, desc="eval", disable=not show_progress, leave=False, dynamic_ncols=True):
             pixel_values = batch["pixel_values"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
-            with ctx():
-                logits = segmentation_logits(model, pixel_values)
-            pred = predict(resize_logits(logits.float(), labels.shape[-2:], align_corners), threshold)
+            pred = inferencer.predict(inferencer.scores(model, pixel_values, labels.shape[-2:]))
             cm += confusion_matrix(pred, labels, num_classes, ignore_index)
+            if on_batch is not None:
+                on_batch(batch, pred)
     finally:
         model.train(was_training)
     return cm

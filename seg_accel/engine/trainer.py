@@ -27,6 +27,7 @@ from seg_accel.config.schema import TrainConfig
 from seg_accel.data import build_dataset, build_train_loader, build_val_loader
 from seg_accel.engine import checkpoint as ckpt
 from seg_accel.engine.evaluation import collect_confusion
+from seg_accel.engine.inference import Inferencer
 from seg_accel.engine.hooks import (
     CheckpointHook,
     EvalHook,
@@ -457,10 +458,11 @@ class Trainer:
         acc = self.accelerator
         head = self.cfg.model.decode_head
         metrics = metrics or (self.cfg.evaluation.metrics() if self.cfg.evaluation else ["mIoU"])
+        self.broadcast_norm_buffers()
+        inferencer = Inferencer(self.cfg.model.test_cfg, head.align_corners, acc.autocast, head.threshold)
         cm = collect_confusion(
             acc.unwrap_model(self.model), self.val_loader, len(self.classes), head.ignore_index,
-            head.align_corners, acc.device, autocast=acc.autocast, show_progress=acc.is_main_process,
-            threshold=head.threshold,
+            device=acc.device, show_progress=acc.is_main_process, inferencer=inferencer,
         )
         if acc.num_processes > 1:
             cm = acc.reduce(cm, reduction="sum")
@@ -483,6 +485,21 @@ class Trainer:
             (self.work_dir / EVAL_RESULTS).write_text(json.dumps(payload, indent=2))
         self.last_results = results
         return results
+
+    def broadcast_norm_buffers(self) -> None:
+        """Every process evaluates (and exports) the main process's model: BatchNorm running
+        statistics are per process in DDP (each updates them with its own batches), so they
+        are copied from process 0 first (mmcv's ``broadcast_bn_buffer``)."""
+        if self.accelerator.num_processes == 1:
+            return
+        from accelerate.utils import broadcast
+
+        model = self.accelerator.unwrap_model(self.model)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._NormBase):
+                for name, buffer in module.named_buffers(recurse=False):
+                    if buffer is not None:
+                        buffer.copy_(broadcast(buffer.clone(), from_process=0))
 
     def export(self, out_dir: Path, wait: bool = True) -> None:
         """``save_pretrained`` (safetensors, id2label in config.json) on the main process."""

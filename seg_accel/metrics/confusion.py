@@ -15,18 +15,23 @@ METRIC_COLUMNS = {"mIoU": ("IoU", "Acc"), "mDice": ("Dice", "Acc"), "mFscore": (
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
-    """``cm[l, p]`` = number of pixels with label ``l`` predicted as ``p`` (ignored pixels left out)."""
+    """``cm[l, p]`` = number of pixels with label ``l`` predicted as ``p`` (ignored pixels left out).
+
+    One ``bincount`` pass: out-of-range labels go to two extra bins (ignored, invalid), so no
+    pixel is copied out by a mask; int32 indices halve the memory traffic.
+    """
     if pred.shape != label.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape")
-    valid = label != ignore_index
-    lab = label[valid].long()
-    if lab.numel() and (lab.min() < 0 or lab.max() >= num_classes):
-        bad = torch.unique(lab[(lab < 0) | (lab >= num_classes)]).tolist()
-        raise ValueError(
-            f"label values {bad[:10]} are neither a class id (0..{num_classes - 1}) nor ignore_index ({ignore_index})"
-        )
-    idx = lab * num_classes + pred[valid].long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    c = num_classes
+    dtype = torch.int32 if c * c + 2 < 2**31 else torch.int64
+    lab, prd = label.to(dtype).reshape(-1), pred.to(dtype).reshape(-1)
+    in_range = (lab >= 0) & (lab < c)
+    overflow = c * c + (lab != ignore_index).to(dtype)  # c*c: ignored, c*c + 1: invalid
+    counts = torch.bincount(torch.where(in_range, lab * c + prd, overflow), minlength=c * c + 2)
+    if counts[c * c + 1] > 0:
+        bad = torch.unique(label[(label != ignore_index) & ((label < 0) | (label >= c))]).tolist()
+        raise ValueError(f"label values {bad[:10]} are neither a class id (0..{c - 1}) nor ignore_index ({ignore_index})")
+    return counts[: c * c].view(c, c).long()
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
