@@ -202,3 +202,40 @@ def evaluate_cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--show-dir", help="write an overlay (prediction | ground truth) per image here")
     parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity in [0, 1]")
     return run_cli(_evaluate, parser, argv)
+
+
+# --------------------------------------------------------------------------- push_to_hub
+def _push_to_hub(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from seg_accel.engine.log import setup_logging
+    from seg_accel.hub.publish import publish
+
+    setup_logging(None, True)
+    if args.retries < 1:
+        raise ConfigError(f"must be >= 1, got {args.retries}", key="--retries")
+    ok = publish(Path(args.source), args.repo_id, private=True if args.private else None, revision=args.revision,
+                 commit_message=args.commit_message, config=Path(args.config) if args.config else None,
+                 retries=args.retries)
+    if not ok:
+        print(f"error: the push to {args.repo_id} failed (see the warnings above)", file=sys.stderr)
+        return 1
+    print(f"pushed {args.source} to {args.repo_id}")
+    return 0
+
+
+def push_to_hub_cli(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Push a finished run (its work dir), a checkpoint or a save_pretrained folder to the Hub with "
+                    "a model card. The token comes from HF_TOKEN or `hf auth login`.")
+    parser.add_argument("source", metavar="WORK_DIR_OR_CHECKPOINT",
+                        help="a work dir (pushes final/), a checkpoint (iter_4000, best_mIoU_iter_8000) or an export")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="user/name (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", help="a branch to push to (created if missing)")
+    parser.add_argument("--commit-message", help="default: 'seg-accel: <source name>'")
+    parser.add_argument("--config", help="the training config, for a checkpoint without an export whose work dir "
+                                         "has no config.yaml")
+    parser.add_argument("--retries", type=int, default=3, help="attempts before giving up")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return run_cli(_push_to_hub, parser, argv)

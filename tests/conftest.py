@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.hub_server import hub_server  # noqa: F401  (the local Hub server fixture)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SEG_ACCEL_SHARED", REPO.parent / "shared"))
 CAMVID = SHARED / "data" / "camvid"

@@ -65,7 +65,7 @@ def test_custom_hook_runs_at_its_priority_among_the_builtins(tmp_path, user_hook
     trainer, _ = make_trainer(tmp_path, cfg)
     order = [(h.name, h.priority_value) for h in trainer.hooks]
     assert order == [("LrUpdaterHook", 10), ("OptimizerHook", 40), ("Witness", 45), ("CheckpointHook", 50),
-                     ("IterTimerHook", 70), ("EvalHook", 70), ("TextLoggerHook", 90)]
+                     ("IterTimerHook", 70), ("EvalHook", 70), ("FinalExportHook", 80), ("TextLoggerHook", 90)]
     trainer.train()
     import user_hooks
 

@@ -254,6 +254,48 @@ class EvaluationConfig:
 
 
 @dataclass
+class PushToHubConfig:
+    """``push_to_hub``: publish the model (export, model card, config, logs) to a Hub repo.
+
+    ``strategy``: ``end`` pushes the final model; ``checkpoint`` also pushes each
+    checkpoint's export as it is saved (one commit each); ``best`` pushes each new best
+    (``evaluation.save_best``) and ends with the best model. The token comes from
+    ``HF_TOKEN`` or ``hf auth login``, never from the config."""
+
+    repo_id: str
+    private: bool | None = None  # None: the Hub's default for a new repo
+    revision: str | None = None  # a branch; created if missing
+    strategy: Literal["end", "checkpoint", "best"] = "end"
+    commit_message: str | None = None  # may use {name}, {iter}, {epoch}
+    retries: int = 3  # attempts per push before it is given up (with a warning)
+    retry_wait: float = 5.0  # seconds before the 2nd attempt, doubling after each failure
+    max_waiting: int = 3  # pushes queued behind the running upload; beyond, the oldest is dropped
+    token: Any = None  # refused: see validate
+
+    def validate(self, key: str) -> None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        if self.token is not None:
+            self.token = None  # never kept, never shown
+            raise ConfigError("a token is never read from the config (configs are saved and uploaded): remove it "
+                              "and set HF_TOKEN or run `hf auth login`", key=f"{key}.token")
+        try:
+            validate_repo_id(self.repo_id)
+        except HFValidationError as exc:
+            raise ConfigError(f"not a Hub repo id ('user/name'): {exc}", key=f"{key}.repo_id") from exc
+        _positive(self.retries, f"{key}.retries")
+        _positive(self.max_waiting, f"{key}.max_waiting")
+        if self.retry_wait < 0:
+            raise ConfigError(f"must be >= 0 seconds, got {self.retry_wait}", key=f"{key}.retry_wait")
+        if self.commit_message is not None:
+            try:
+                self.commit_message.format(name="iter_1", iter=1, epoch=0)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ConfigError(f"may use the fields {{name}}, {{iter}}, {{epoch}}; got {self.commit_message!r} "
+                                  f"({type(exc).__name__}: {exc})", key=f"{key}.commit_message") from exc
+
+
+@dataclass
 class CustomImportsConfig:
     imports: list[str] | str = field(default_factory=list)
     allow_failed_imports: bool = False
@@ -285,6 +327,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     gradient_accumulation_steps: int = 1
     find_unused_parameters: bool | None = None
+    push_to_hub: PushToHubConfig | None = None
     classes: list[str] = field(default_factory=list, init=False)  # filled from data.train by validation
 
     def validate(self, key: str | None) -> None:
@@ -303,6 +346,13 @@ class TrainConfig:
             raise ConfigError("by_epoch: true needs EpochBasedRunner", key="checkpoint_config.by_epoch")
         if self.resume_from is not None and self.load_from is not None:
             raise ConfigError("resume_from continues a run; load_from takes weights only: set one", key="load_from")
+        push = self.push_to_hub
+        if push is not None and push.strategy == "checkpoint" and checkpoints is None:
+            raise ConfigError("strategy: checkpoint pushes each checkpoint's export: it needs checkpoint_config",
+                              key="push_to_hub.strategy")
+        if push is not None and push.strategy == "best" and (self.evaluation is None or not self.evaluation.save_best):
+            raise ConfigError("strategy: best pushes each new best model: it needs evaluation.save_best",
+                              key="push_to_hub.strategy")
 
 
 def dataset_classes(dataset_cfg: dict, key: str) -> list[str]:

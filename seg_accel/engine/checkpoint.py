@@ -39,6 +39,7 @@ class RunnerState:
         r = self.runner
         return {
             "iter": r.iter, "epoch": r.epoch, "optimizer_steps": r.optimizer_steps, "samples": r.samples,
+            "train_seconds": r.train_seconds,
             "hooks": {h.name: h.state_dict() for h in r.hooks if hasattr(h, "state_dict")},
         }
 
@@ -46,6 +47,7 @@ class RunnerState:
         r = self.runner
         r.iter, r.epoch = int(state["iter"]), int(state["epoch"])
         r.optimizer_steps, r.samples = int(state["optimizer_steps"]), int(state["samples"])
+        r.seconds_before = float(state.get("train_seconds", 0.0))
         for hook in r.hooks:
             if hook.name in state["hooks"] and hasattr(hook, "load_state_dict"):
                 hook.load_state_dict(state["hooks"][hook.name])

@@ -266,6 +266,28 @@ class EvalHook(Hook):
         self._evaluate(runner)
 
 
+# --------------------------------------------------------------------------- the final model
+class FinalExportHook(Hook):
+    """At the end: the final evaluation (unless EvalHook ran one) and the ``save_pretrained`` export
+    in ``<work_dir>/final`` with ``run_info.json`` (processes, device, time) beside it. Hooks
+    with a lower priority (the Hub push) find the export there."""
+
+    priority = 80
+
+    def after_run(self, runner: Trainer) -> None:
+        import json
+
+        from seg_accel.engine.trainer import FINAL_DIR, RUN_INFO
+
+        results = runner.last_results  # EvalHook evaluates at the end itself
+        if results is None and runner.val_loader is not None:
+            results = runner.evaluate()
+        runner.final_results = results
+        runner.export(runner.work_dir / FINAL_DIR)
+        if runner.accelerator.is_main_process:
+            (runner.work_dir / RUN_INFO).write_text(json.dumps(runner.run_info(), indent=2))
+
+
 def describe_hooks(hooks: list[Hook]) -> str:
     """The order in which hooks run at each point (printed at start)."""
     lines = ["hooks (priority), in the order they run:"]

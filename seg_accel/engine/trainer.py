@@ -31,6 +31,7 @@ from seg_accel.engine.inference import Inferencer
 from seg_accel.engine.hooks import (
     CheckpointHook,
     EvalHook,
+    FinalExportHook,
     Hook,
     IterTimerHook,
     LrUpdaterHook,
@@ -44,6 +45,7 @@ from seg_accel.engine.loggers import LoggerHook, tracker_project
 from seg_accel.losses.head import build_head_losses
 from seg_accel.metrics import format_table, metrics_from_confusion
 from seg_accel.models.builder import AuxiliaryCapture, build_model, needs_unused_parameter_search, segmentation_logits
+from seg_accel.models.processor import build_image_processor
 from seg_accel.optim import build_constructor, build_lr_scheduler, build_momentum_scheduler, param_group_table
 from seg_accel.registry import HOOKS
 
@@ -51,6 +53,7 @@ logger = logging.getLogger("seg_accel")
 
 EVAL_RESULTS = "eval_results.json"
 FINAL_DIR = "final"
+RUN_INFO = "run_info.json"
 
 
 def _multi_process_without_accelerator() -> bool:
@@ -122,6 +125,7 @@ class Trainer:
         # counters (restored on resume); iter counts finished iterations (optimizer steps, or
         # micro-batch groups that a skipped step did not apply)
         self.iter, self.epoch, self.optimizer_steps, self.samples = 0, 0, 0, 0
+        self.seconds_before = 0.0  # training time of the runs this one resumes
         per_process = math.ceil(len(self.train_set) / acc.num_processes)
         per_step = cfg.data.samples_per_gpu * cfg.gradient_accumulation_steps
         self.steps_per_epoch = max(1, math.ceil(per_process / per_step))
@@ -166,6 +170,7 @@ class Trainer:
 
         self.meter = IntervalMeter()
         self.last_results: dict[str, Any] | None = None  # the latest evaluation
+        self.final_results: dict[str, Any] | None = None  # set by FinalExportHook
         self.log_buffer: dict[str, Any] = {}
         self.outputs: dict[str, Any] = {}
         self._record: tuple[int, dict[str, Any] | None] | None = None
@@ -211,6 +216,11 @@ class Trainer:
         self.register_hook(IterTimerHook(), "LOW")
         if cfg.evaluation is not None:
             self.register_hook(EvalHook(cfg.evaluation, self.by_epoch), "LOW")
+        self.register_hook(FinalExportHook(), FinalExportHook.priority)
+        if cfg.push_to_hub is not None:
+            from seg_accel.hub.hook import PushToHubHook
+
+            self.register_hook(PushToHubHook(cfg.push_to_hub), PushToHubHook.priority)
 
     def _resume(self, cfg: TrainConfig) -> None:
         if self.accelerator.is_main_process:
@@ -260,6 +270,30 @@ class Trainer:
             logger.info("DDP find_unused_parameters: true")
         logger.info("%s", group_table)
         logger.info("%s", describe_hooks(self.hooks))
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall time spent training, over every resumed run."""
+        return self.seconds_before + time.perf_counter() - self._started
+
+    def run_info(self) -> dict[str, Any]:
+        """How the run was made (for ``run_info.json`` and the model card)."""
+        import platform
+
+        import accelerate
+        import transformers
+
+        acc = self.accelerator
+        device_name = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else \
+            (f"CPU ({platform.processor() or platform.machine()})" if acc.device.type == "cpu" else acc.device.type)
+        return {
+            "seg_accel": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "num_processes": acc.num_processes,
+            "distributed_type": acc.distributed_type.value, "device": acc.device.type, "device_name": device_name,
+            "mixed_precision": acc.mixed_precision, "iterations": self.iter, "epochs": self.epoch,
+            "optimizer_steps": self.optimizer_steps, "samples": self.samples,
+            "train_seconds": round(self.train_seconds, 1),
+        }
 
     def seconds_per_iter(self) -> float:
         return (time.perf_counter() - self._started) / max(self.iter - self._start_iter, 1)
@@ -431,14 +465,10 @@ class Trainer:
                 if not self.by_epoch:
                     self.call_hook("after_train_epoch")
         self.epoch_log.finish()
-        self.call_hook("after_run")
-        results = self.last_results
-        if results is None and self.val_loader is not None:
-            results = self.evaluate()
-        self.export(self.work_dir / FINAL_DIR)
+        self.call_hook("after_run")  # FinalExportHook evaluates and exports final/
         if self.trackers:
             acc.end_training()
-        return results
+        return self.final_results
 
     # ------------------------------------------------------------------ evaluation and export
     @property
@@ -502,13 +532,15 @@ class Trainer:
                         buffer.copy_(broadcast(buffer.clone(), from_process=0))
 
     def export(self, out_dir: Path, wait: bool = True) -> None:
-        """``save_pretrained`` (safetensors, id2label in config.json) on the main process."""
+        """``save_pretrained`` (safetensors, id2label in config.json) and the image processor
+        (``preprocessor_config.json``) on the main process."""
         acc = self.accelerator
         if wait:
             acc.wait_for_everyone()
         if acc.is_main_process:
             model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
             model.save_pretrained(out_dir)
+            build_image_processor(self.cfg.data).save_pretrained(out_dir)
             logger.info("exported the model to %s", out_dir)
         if wait:
             acc.wait_for_everyone()
