@@ -46,8 +46,57 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
     except (DataError, TrainingError) as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_where()}{exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if args.debug or _world_size() <= 1:
+            raise
+        return _process_failed(exc)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _where() -> str:
+    """``process R of N: `` in a multi-process run (which process an error comes from)."""
+    return f"process {os.environ.get('RANK', '0')} of {_world_size()}: " if _world_size() > 1 else ""
+
+
+# What a collective operation raises when another process died or stopped answering
+# (gloo, NCCL, the TCP store): a consequence, not the cause.
+_PEER_FAILURE_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                         "communicator was aborted", "watchdog caught collective operation timeout",
+                         "timed out", "socket closed")
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in _PEER_FAILURE_MARKERS)
+
+
+def _process_failed(exc: BaseException) -> int:
+    """A multi-process run where this process raised: its own error is shown with its
+    traceback; an error that only says another process went away (the launcher stops the
+    others once one exits) is one line, so the failing process's error is the one to read."""
+    import traceback
+
+    if _is_peer_failure(exc):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "timed out" in first.lower() or "timeout" in first.lower():
+            why = ("a collective operation timed out: another process stopped answering (it hangs, or is far "
+                   "slower; `dist_timeout` in the config sets how long to wait)")
+        else:
+            why = "another process failed (its error is shown separately)"
+        print(f"error: {_where()}stopped: {why}. {type(exc).__name__}: {first[:300]}", file=sys.stderr)
+        return 1
+    print(f"error: {_where()}{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(exc)),
+          file=sys.stderr, end="")
+    return 1
 
 
 # --------------------------------------------------------------------------- train

@@ -216,6 +216,14 @@ def test_pushed_model_card_holds_the_final_metrics(tmp_path, hub_server):
     metrics = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert metrics == {k: round(v, 4) for k, v in final["metrics"].items()}
     assert card.data.model_name == "tiny-segformer" and card.data.library_name == "transformers"
+    iou = final["per_class"]["IoU"]
+    for name in ("background", "circle", "square", "triangle"):  # the per-class table, measured values
+        assert f"| {name} | {iou[name]:.2f} |" in card.text, name
+    assert "## How to use" in card.text and f'pipeline("image-segmentation", model="{REPO_ID}")' in card.text
+    recipe = card.text.split("## Training", 1)[1]
+    for row in ("| optimizer | AdamW(", "| learning-rate schedule |", "| losses (decode_head) |",
+                "| training length | 6 iterations", "| batch | 2 per process x 1 process(es)", "| hardware | 1 x CPU"):
+        assert row in recipe, (row, recipe)
     assert [title for title, _ in hub_server.commit_history(REPO_ID)] == ["seg-accel: final model (iteration 6)"]
 
 

@@ -93,6 +93,10 @@ class ModelConfig:
     decode_head: DecodeHeadConfig = field(default_factory=DecodeHeadConfig)
     auxiliary_head: HeadConfig | None = None
     test_cfg: TestConfig = field(default_factory=TestConfig)
+    # weights for the backbone only (UperNet's `backbone`, else the base model: `dpt`, `beit`,
+    # `segformer`): a Hub id or save_pretrained folder of an ImageNet backbone
+    backbone_pretrained: str | None = None
+    norm_eval: bool = False  # BatchNorm layers stay in eval mode while training (running statistics)
 
     def validate(self, key: str) -> None:
         from seg_accel.models.builder import check_model_config
@@ -327,12 +331,17 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     gradient_accumulation_steps: int = 1
     find_unused_parameters: bool | None = None
+    sync_bn: bool = False  # BatchNorm -> SyncBatchNorm on multi-GPU runs (a notice elsewhere)
+    dist_timeout: float | None = None  # seconds a collective may wait for the other processes (None: PyTorch's)
     push_to_hub: PushToHubConfig | None = None
     classes: list[str] = field(default_factory=list, init=False)  # filled from data.train by validation
 
     def validate(self, key: str | None) -> None:
         _positive(self.gradient_accumulation_steps, "gradient_accumulation_steps")
         _positive(self.skip_nonfinite_steps, "skip_nonfinite_steps", 0)
+        if self.dist_timeout is not None and not self.dist_timeout > 0:
+            raise ConfigError(f"must be > 0 seconds (or null for PyTorch's default), got {self.dist_timeout}",
+                              key="dist_timeout")
         for i, (mode, count) in enumerate(self.workflow):
             _positive(count, f"workflow.{i}.1")
             if mode == "val" and self.data.val is None:

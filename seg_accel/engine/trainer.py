@@ -8,6 +8,7 @@ checkpoints, timing, evaluation and logging, in priority order.
 """
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import logging
@@ -27,7 +28,6 @@ from seg_accel.config.schema import TrainConfig
 from seg_accel.data import build_dataset, build_train_loader, build_val_loader
 from seg_accel.engine import checkpoint as ckpt
 from seg_accel.engine.evaluation import collect_confusion
-from seg_accel.engine.inference import Inferencer
 from seg_accel.engine.hooks import (
     CheckpointHook,
     EvalHook,
@@ -40,13 +40,27 @@ from seg_accel.engine.hooks import (
     describe_hooks,
     get_priority,
 )
+from seg_accel.engine.inference import Inferencer
 from seg_accel.engine.log import IntervalMeter, setup_logging
 from seg_accel.engine.loggers import LoggerHook, tracker_project
 from seg_accel.losses.head import build_head_losses
 from seg_accel.metrics import format_table, metrics_from_confusion
-from seg_accel.models.builder import AuxiliaryCapture, build_model, needs_unused_parameter_search, segmentation_logits
+from seg_accel.models.builder import (
+    AuxiliaryCapture,
+    batch_norm_layers,
+    build_model,
+    convert_sync_bn,
+    needs_unused_parameter_search,
+    segmentation_logits,
+    set_norm_eval,
+)
 from seg_accel.models.processor import build_image_processor
-from seg_accel.optim import build_constructor, build_lr_scheduler, build_momentum_scheduler, param_group_table
+from seg_accel.optim import (
+    build_constructor,
+    build_lr_scheduler,
+    build_momentum_scheduler,
+    param_group_table,
+)
 from seg_accel.registry import HOOKS
 
 logger = logging.getLogger("seg_accel")
@@ -69,7 +83,11 @@ class Trainer:
     """Builds everything from a validated ``TrainConfig``; ``train()`` runs the workflow."""
 
     def __init__(self, cfg: TrainConfig, raw_cfg: Config, work_dir: str | Path):
-        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate import (
+            Accelerator,
+            DistributedDataParallelKwargs,
+            InitProcessGroupKwargs,
+        )
         from accelerate.utils import set_seed
 
         self.cfg = cfg
@@ -79,11 +97,14 @@ class Trainer:
         trackers, tracker_dir = tracker_project(logger_hooks, self.work_dir)
         # find_unused_parameters is decided once the model is built, before prepare().
         self.ddp_kwargs = DistributedDataParallelKwargs()
+        handlers: list[Any] = [self.ddp_kwargs]
+        if cfg.dist_timeout is not None:
+            handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist_timeout)))
         self.accelerator = acc = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             cpu=_multi_process_without_accelerator(),
-            kwargs_handlers=[self.ddp_kwargs],
+            kwargs_handlers=handlers,
             step_scheduler_with_optimizer=False,
             log_with=trackers or None,
             project_dir=tracker_dir,
@@ -140,6 +161,11 @@ class Trainer:
         if find_unused is None:
             find_unused = needs_unused_parameter_search(model, aux_trained=self.aux_capture is not None)
         self.ddp_kwargs.find_unused_parameters = find_unused
+        self.sync_bn_note = None
+        if cfg.sync_bn:
+            model, self.sync_bn_note = convert_sync_bn(model, acc.num_processes, acc.device.type)
+        if cfg.model.norm_eval:
+            set_norm_eval(model)
         constructor = build_constructor(cfg.optimizer)
         optimizer = constructor(model)
         group_table = param_group_table(model, optimizer, getattr(constructor, "notes", None))
@@ -268,8 +294,22 @@ class Trainer:
             logger.info("logged, not trained on (name does not start with 'loss_'): %s", ", ".join(logged_only))
         if self.ddp_kwargs.find_unused_parameters and acc.num_processes > 1:
             logger.info("DDP find_unused_parameters: true")
+        if self.sync_bn_note:
+            logger.info("%s", self.sync_bn_note)
+        if cfg.model.norm_eval:
+            logger.info("model.norm_eval: %d BatchNorm layer(s) normalise with their running statistics (not "
+                        "updated)", len(batch_norm_layers(self.model)))
+        if cfg.dist_timeout is not None and acc.num_processes > 1:
+            logger.info("dist_timeout: a collective operation fails after %g s without the other processes",
+                        cfg.dist_timeout)
         logger.info("%s", group_table)
         logger.info("%s", describe_hooks(self.hooks))
+
+    def train_mode(self) -> None:
+        """``model.train()``, with BatchNorm kept in eval mode under ``model.norm_eval``."""
+        self.model.train()
+        if self.cfg.model.norm_eval:
+            set_norm_eval(self.model)
 
     @property
     def train_seconds(self) -> float:
@@ -371,7 +411,7 @@ class Trainer:
         self.call_hook("before_train_iter")
         self.scheduled = self._scheduled_values()
         if not self.model.training:
-            self.model.train()
+            self.train_mode()
         logs: dict[str, Any] = {}
         data_time = 0.0
         for _ in range(accum):
@@ -409,7 +449,7 @@ class Trainer:
             values = self.accelerator.reduce(values, reduction="mean")
         self.emit({"mode": "val", "epoch": self.epoch + 1, "iter": self.iter, **dict(zip(keys, values.tolist()))})
         self.call_hook("after_val_epoch")
-        self.model.train()
+        self.train_mode()
 
     def _val_batches(self) -> Any:
         """Endless val batches for workflow val phases (each process its shard, in order)."""

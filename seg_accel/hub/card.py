@@ -52,8 +52,11 @@ def _recipe(cfg: dict, info: dict) -> list[tuple[str, str]]:
         rows.append(("learning-rate schedule", ", ".join(f"{k}={v}" for k, v in lr.items())))
     model = cfg.get("model") or {}
     for head_key in ("decode_head", "auxiliary_head"):
-        head = model.get(head_key) or {}
-        losses = head.get("loss_decode")
+        head = model.get(head_key)
+        if head is None and head_key == "auxiliary_head":
+            continue
+        head = head or {}
+        losses = head.get("loss_decode") or {"type": "CrossEntropyLoss", "loss_weight": 1.0}  # HeadConfig's default
         if losses:
             losses = losses if isinstance(losses, list) else [losses]
             text = "; ".join(", ".join(f"{k}={v}" for k, v in loss.items()) for loss in losses)

@@ -201,16 +201,108 @@ def _model_kwargs(model_cfg: ModelConfig, classes: list[str], key: str) -> tuple
 
 
 def build_model(model_cfg: ModelConfig, classes: list[str], key: str = "model") -> Any:
-    """Instantiate the model with ``num_labels``/``id2label`` from the data's class names."""
+    """Instantiate the model with ``num_labels``/``id2label`` from the data's class names
+    (then, with ``backbone_pretrained``, load the backbone's weights)."""
     model_cls, config_cls, kwargs = _model_kwargs(model_cfg, classes, key)
     if model_cfg.pretrained is not None:
         source = model_cfg.pretrained
         try:
-            return model_cls.from_pretrained(source, ignore_mismatched_sizes=True, **kwargs)
+            model = model_cls.from_pretrained(source, ignore_mismatched_sizes=True, **kwargs)
         except OSError as exc:
             where = "local folder" if os.path.isdir(source) else "Hub id (or a local path that does not exist)"
             raise ConfigError(f"cannot load pretrained model '{source}' ({where}): {exc}", key=f"{key}.pretrained") from exc
-    return _instantiate(model_cls, make_config(config_cls, kwargs, key))
+    else:
+        model = _instantiate(model_cls, make_config(config_cls, kwargs, key))
+    if model_cfg.backbone_pretrained is not None:
+        load_backbone_weights(model, model_cfg.backbone_pretrained, f"{key}.backbone_pretrained")
+    return model
+
+
+def backbone_module(model: Any, key: str = "model.backbone_pretrained") -> tuple[str, Any]:
+    """``(attribute, module)`` that ``backbone_pretrained`` loads into: the model's
+    ``backbone`` (UperNet and other backbone-based models), else its base model (``dpt``,
+    ``beit``, ``segformer``)."""
+    import torch
+
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, torch.nn.Module):
+        return "backbone", backbone
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    if isinstance(base, torch.nn.Module):
+        return prefix, base
+    raise ConfigError(f"{type(model).__name__} has neither a `backbone` nor a base model to load weights into",
+                      key=key)
+
+
+def load_backbone_weights(model: Any, source: str, key: str = "model.backbone_pretrained") -> dict[str, list[str]]:
+    """Load the weights of ``source`` (an ImageNet backbone: Hub id or ``save_pretrained``
+    folder) into the model's backbone, tensor by tensor where names and shapes agree.
+    Returns ``{"loaded", "mismatched", "kept"}`` (names in the backbone) and logs a summary;
+    a source that matches nothing is a config error."""
+    from transformers import AutoBackbone, AutoModel
+
+    name, target = backbone_module(model, key)
+    try:
+        if name == "backbone" and hasattr(target, "out_features"):
+            source_model = AutoBackbone.from_pretrained(source, out_features=list(target.out_features))
+        else:
+            source_model = AutoModel.from_pretrained(source)  # its pooler, if any, matches nothing: unused
+    except (OSError, ValueError, TypeError) as exc:
+        where = "local folder" if os.path.isdir(source) else "Hub id (or a local path that does not exist)"
+        raise ConfigError(f"cannot load backbone weights '{source}' ({where}): {type(exc).__name__}: {exc}",
+                          key=key) from exc
+    src, dst = source_model.state_dict(), target.state_dict()
+    loaded = {k: v for k, v in src.items() if k in dst and tuple(v.shape) == tuple(dst[k].shape)}
+    mismatched = [f"{k} {tuple(src[k].shape)} vs {tuple(dst[k].shape)}" for k in src
+                  if k in dst and k not in loaded]
+    if not loaded:
+        raise ConfigError(
+            f"no tensor of '{source}' ({type(source_model).__name__}) matches model.{name} "
+            f"({type(target).__name__}) in name and shape: is it a backbone of this architecture?", key=key)
+    target.load_state_dict(loaded, strict=False)
+    kept = [k for k in dst if k not in loaded]
+    logger.info("%s: %d of %d tensors of model.%s loaded from %s%s%s", key, len(loaded), len(dst), name, source,
+                f"; at their initialisation: {_short_list(kept)}" if kept else "",
+                f"; shapes differ (not loaded): {_short_list(mismatched)}" if mismatched else "")
+    return {"loaded": sorted(loaded), "mismatched": mismatched, "kept": kept}
+
+
+def _short_list(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def batch_norm_layers(model: Any) -> list[Any]:
+    import torch
+
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def set_norm_eval(model: Any) -> int:
+    """Put every BatchNorm layer in eval mode (MMSegmentation's ``norm_eval``): it normalises
+    with its running statistics and does not update them, whatever the per-process batch.
+    Call after each ``model.train()``; returns the number of layers."""
+    layers = batch_norm_layers(model)
+    for layer in layers:
+        layer.eval()
+    return len(layers)
+
+
+def convert_sync_bn(model: Any, num_processes: int, device_type: str) -> tuple[Any, str]:
+    """``sync_bn``: BatchNorm -> SyncBatchNorm when several GPU processes train; otherwise
+    the model unchanged. Returns the model and what was done (logged once by the caller)."""
+    import torch
+
+    count = len(batch_norm_layers(model))
+    if count == 0:
+        return model, "sync_bn: the model has no BatchNorm layer: nothing to convert"
+    if num_processes < 2:
+        return model, f"sync_bn: one process: its {count} BatchNorm layer(s) already see the whole batch (kept)"
+    if device_type != "cuda":
+        return model, (f"sync_bn: SyncBatchNorm runs on GPUs only (NCCL); this {device_type} run keeps its {count} "
+                       f"BatchNorm layer(s), each process normalising with the statistics of its own batch")
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, f"sync_bn: {count} BatchNorm layer(s) converted to SyncBatchNorm across {num_processes} processes"
 
 
 def build_empty_model(model_cfg: ModelConfig, classes: list[str], key: str = "model") -> Any | None:
