@@ -94,7 +94,7 @@ def _process_failed(exc: BaseException) -> int:
             why = "another process failed (its error is shown separately)"
         print(f"error: {_where()}stopped: {why}. {type(exc).__name__}: {first[:300]}", file=sys.stderr)
         return 1
-    print(f"error: {_where()}{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(exc)),
+    print(f"error: {_where()}failed; the other processes are stopped.\n" + "".join(traceback.format_exception(exc)),
           file=sys.stderr, end="")
     return 1
 
