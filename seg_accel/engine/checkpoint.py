@@ -67,9 +67,10 @@ def save_checkpoint(runner: Trainer, path: Path, save_optimizer: bool = True, ex
         acc.save_state(str(tmp))
     finally:
         acc._optimizers = optimizers
+    state = runner.export_state() if export is not None else None  # a collective when sharded
     if acc.is_main_process:
         if export is not None:
-            runner.export(tmp / export.relative_to(path), wait=False)
+            runner.export(tmp / export.relative_to(path), wait=False, state_dict=state)
         meta = {"iter": runner.iter, "epoch": runner.epoch, "optimizer_steps": runner.optimizer_steps,
                 "save_optimizer": save_optimizer, "seg_accel": __version__}
         (tmp / META).write_text(json.dumps(meta, indent=2))

@@ -168,14 +168,17 @@ class CheckpointHook(Hook):
 
     priority = "NORMAL"
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, export: bool = False):
         self.cfg = cfg
+        self.export = export  # also a save_pretrained export in <checkpoint>/pretrained (Hub pushes use it)
         self.last_saved: int | None = None
 
     def _save(self, runner: Trainer, name: str) -> None:
         from seg_accel.engine.checkpoint import rotate, save_checkpoint
 
-        save_checkpoint(runner, runner.checkpoint_dir / name, save_optimizer=self.cfg.save_optimizer)
+        path = runner.checkpoint_dir / name
+        save_checkpoint(runner, path, save_optimizer=self.cfg.save_optimizer,
+                        export=path / "pretrained" if self.export else None)
         self.last_saved = runner.iter
         if runner.accelerator.is_main_process:
             rotate(runner.checkpoint_dir, self.cfg.max_keep_ckpts)

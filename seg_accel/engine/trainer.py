@@ -238,7 +238,9 @@ class Trainer:
         if cfg.checkpoint_config is not None:
             if cfg.checkpoint_config.by_epoch is None:
                 cfg.checkpoint_config.by_epoch = self.by_epoch
-            self.register_hook(CheckpointHook(cfg.checkpoint_config), "NORMAL")
+            push = cfg.push_to_hub
+            self.register_hook(CheckpointHook(cfg.checkpoint_config,
+                                              export=push is not None and push.strategy == "checkpoint"), "NORMAL")
         self.register_hook(IterTimerHook(), "LOW")
         if cfg.evaluation is not None:
             self.register_hook(EvalHook(cfg.evaluation, self.by_epoch), "LOW")
@@ -296,6 +298,11 @@ class Trainer:
             logger.info("DDP find_unused_parameters: true")
         if self.sync_bn_note:
             logger.info("%s", self.sync_bn_note)
+        requested = [name for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
+                     if os.environ.get(env, "false").lower() in ("1", "true")]
+        if requested and not self.sharded and acc.is_main_process:
+            logger.warning("the launch config asks for %s, which runs on GPUs only: this %s run is %s instead (every "
+                           "process holds the whole model)", requested[0], acc.device.type, acc.distributed_type.value)
         if cfg.model.norm_eval:
             logger.info("model.norm_eval: %d BatchNorm layer(s) normalise with their running statistics (not "
                         "updated)", len(batch_norm_layers(self.model)))
@@ -571,15 +578,33 @@ class Trainer:
                     if buffer is not None:
                         buffer.copy_(broadcast(buffer.clone(), from_process=0))
 
-    def export(self, out_dir: Path, wait: bool = True) -> None:
+    @property
+    def sharded(self) -> bool:
+        """FSDP or DeepSpeed: no process holds the whole model; exports gather it first."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def export_state(self) -> dict[str, Any] | None:
+        """The full state dict for an export, gathered from every process's shards (every
+        process must call it) when the model is sharded; None otherwise (the model's own)."""
+        return self.accelerator.get_state_dict(self.model) if self.sharded else None
+
+    def export(self, out_dir: Path, wait: bool = True, state_dict: dict[str, Any] | None = None) -> None:
         """``save_pretrained`` (safetensors, id2label in config.json) and the image processor
-        (``preprocessor_config.json``) on the main process."""
+        (``preprocessor_config.json``) on the main process. With ``wait`` every process calls
+        it (and a sharded model is gathered here); without, only the main process does, and a
+        sharded model's ``state_dict`` comes from ``export_state()``."""
         acc = self.accelerator
         if wait:
             acc.wait_for_everyone()
+            if state_dict is None:
+                state_dict = self.export_state()
+        elif state_dict is None and self.sharded:
+            raise RuntimeError("a sharded model is exported with the state dict gathered by export_state()")
         if acc.is_main_process:
             model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
-            model.save_pretrained(out_dir)
+            model.save_pretrained(out_dir, state_dict=state_dict)
             build_image_processor(self.cfg.data).save_pretrained(out_dir)
             logger.info("exported the model to %s", out_dir)
         if wait:

@@ -45,15 +45,11 @@ class PushToHubHook(Hook):
         template = self.cfg.commit_message
         return template.format(name=name, iter=runner.iter, epoch=runner.epoch) if template else default
 
-    def _submit(self, runner: Trainer, name: str, export_dir: Path | None, evaluation: dict | None,
-                message: str) -> None:
-        staging = runner.work_dir / STAGING / name
-        if export_dir is None:  # export the model as it is now into the staging folder
-            runner.export(staging / "export", wait=False)
-            export_dir = staging / "export"
-        folder = stage_push(staging.with_name(f"{name}.push"), self.cfg.repo_id, export_dir, runner.work_dir,
-                            evaluation, runner.run_info())
-        shutil.rmtree(staging, ignore_errors=True)
+    def _submit(self, runner: Trainer, name: str, export_dir: Path, evaluation: dict | None, message: str) -> None:
+        """Copy the export and the run's files into a staging folder now (the checkpoint may be
+        rotated away before the upload runs) and queue the push."""
+        folder = stage_push(runner.work_dir / STAGING / f"{name}.push", self.cfg.repo_id, export_dir,
+                            runner.work_dir, evaluation, runner.run_info())
         self.pusher.submit(name, folder, message)
 
     @staticmethod
@@ -80,7 +76,9 @@ class PushToHubHook(Hook):
             if saver is not None and saver.last_saved == runner.iter:
                 name = f"epoch_{runner.epoch + 1}" if saver.cfg.by_epoch else f"iter_{runner.iter}"
                 self.pushed_iter = runner.iter
-                self._submit(runner, name, None, self._latest_evaluation(runner),
+                # CheckpointHook exported it into the checkpoint (with every process: a sharded
+                # model is gathered there)
+                self._submit(runner, name, runner.checkpoint_dir / name / "pretrained", self._latest_evaluation(runner),
                              self._message(name, runner, f"seg-accel: checkpoint {name}"))
         elif self.cfg.strategy == "best":
             evaluator = next((h for h in runner.hooks if isinstance(h, EvalHook)), None)
