@@ -240,19 +240,28 @@ def load_backbone_weights(model: Any, source: str, key: str = "model.backbone_pr
     folder) into the model's backbone, tensor by tensor where names and shapes agree.
     Returns ``{"loaded", "mismatched", "kept"}`` (names in the backbone) and logs a summary;
     a source that matches nothing is a config error."""
-    from transformers import AutoBackbone, AutoModel
+    from transformers import AutoModel
 
     name, target = backbone_module(model, key)
     try:
         if name == "backbone" and hasattr(target, "out_features"):
-            source_model = AutoBackbone.from_pretrained(source, out_features=list(target.out_features))
-        else:
-            source_model = AutoModel.from_pretrained(source)  # its pooler, if any, matches nothing: unused
+            # the backbone's own class (AutoBackbone asks the Hub first, even for a local folder)
+            source_model, info = type(target).from_pretrained(source, out_features=list(target.out_features),
+                                                               output_loading_info=True)
+        else:  # its pooler, if any, matches nothing: unused
+            source_model, info = AutoModel.from_pretrained(source, output_loading_info=True)
     except (OSError, ValueError, TypeError) as exc:
         where = "local folder" if os.path.isdir(source) else "Hub id (or a local path that does not exist)"
         raise ConfigError(f"cannot load backbone weights '{source}' ({where}): {type(exc).__name__}: {exc}",
                           key=key) from exc
-    src, dst = source_model.state_dict(), target.state_dict()
+    dst = target.state_dict()
+    # transformers 5 renamed some modules (ViT: layers.N.attention.q_proj) but not others (DPT's
+    # ViT encoder keeps encoder.layer.N.attention.attention.query) and writes checkpoints under
+    # the old names: match the target against the source's names in both forms
+    src = max((source_model.state_dict(), _saved_names(source_model)),
+              key=lambda names: sum(k in dst and tuple(v.shape) == tuple(dst[k].shape) for k, v in names.items()))
+    # what the checkpoint did not hold (e.g. a backbone's output norms) is only initialised: not loaded
+    src = {k: v for k, v in src.items() if k not in set(info.get("missing_keys", ()))}
     loaded = {k: v for k, v in src.items() if k in dst and tuple(v.shape) == tuple(dst[k].shape)}
     mismatched = [f"{k} {tuple(src[k].shape)} vs {tuple(dst[k].shape)}" for k in src
                   if k in dst and k not in loaded]
@@ -266,6 +275,23 @@ def load_backbone_weights(model: Any, source: str, key: str = "model.backbone_pr
                 f"; at their initialisation: {_short_list(kept)}" if kept else "",
                 f"; shapes differ (not loaded): {_short_list(mismatched)}" if mismatched else "")
     return {"loaded": sorted(loaded), "mismatched": mismatched, "kept": kept}
+
+
+def _saved_names(model: Any) -> dict[str, Any]:
+    """The model's tensors under the names ``save_pretrained`` writes (the checkpoint format),
+    without the base model prefix."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tensors: dict[str, Any] = {}
+        for file in sorted(os.listdir(tmp)):
+            if file.endswith(".safetensors"):
+                tensors.update(load_file(os.path.join(tmp, file)))
+    prefix = getattr(model, "base_model_prefix", "")
+    return {k[len(prefix) + 1:] if prefix and k.startswith(prefix + ".") else k: v for k, v in tensors.items()}
 
 
 def _short_list(names: list[str], limit: int = 6) -> str:
