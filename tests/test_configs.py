@@ -1,0 +1,115 @@
+"""Every file in configs/: training configs load, validate and build their model (the Hub
+weights they name are swapped for a random init: the Hub is unreachable here), base files
+are used by a config, launch configs are what `accelerate launch` reads, scripts parse."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from seg_accel.config import load_config
+from seg_accel.config.schema import validate_train_config
+from seg_accel.models.builder import build_model
+from tests.conftest import CAMVID, REPO
+
+CONFIG_DIR = REPO / "configs"
+FILES = sorted(p for p in CONFIG_DIR.rglob("*") if p.is_file())
+TRAINING = [p for p in FILES if p.suffix == ".yaml" and not {"_base_", "accelerate"} & set(p.parts)]
+BASES = [p for p in FILES if "_base_" in p.parts]
+LAUNCH = [p for p in FILES if "accelerate" in p.parts and p.suffix == ".yaml"]
+OTHER = [p for p in FILES if p not in TRAINING + BASES + LAUNCH]
+
+# Published parameter counts of the recipes' models (millions, from MMSegmentation's /
+# the papers' tables), where our transformers model has the same architecture: a check that
+# the recipe builds the model it names.
+RECIPE_PARAMS = {
+    "upernet_convnext-t_8xb2-amp-160k_ade20k-512x512.yaml": 60,
+    "upernet_swin-t_8xb2-160k_ade20k-512x512.yaml": 60,
+}
+
+
+def ids(paths: list[Path]) -> list[str]:
+    return [str(p.relative_to(REPO)) for p in paths]
+
+
+def base_chain(path: Path) -> list[Path]:
+    """The config and every base file it includes, recursively."""
+    chain, todo = [], [path.resolve()]
+    while todo:
+        current = todo.pop()
+        chain.append(current)
+        bases = (yaml.safe_load(current.read_text()) or {}).get("_base_", [])
+        todo += [(current.parent / b).resolve() for b in ([bases] if isinstance(bases, str) else bases)]
+    return chain
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=ids(TRAINING))
+def test_training_config_loads_validates_and_builds_its_model(path, monkeypatch):
+    if any("shared/data/camvid" in p.read_text() for p in base_chain(path)) and not CAMVID.is_dir():
+        pytest.skip(f"needs {CAMVID} (../shared is absent)")
+    monkeypatch.chdir(REPO)  # data roots in the examples are relative to the repository root
+    raw = load_config(path)
+    options = [f"model.{key}=null" for key in ("pretrained", "backbone_pretrained") if raw.dict["model"].get(key)]
+    cfg = validate_train_config(load_config(path, options))
+    assert cfg.classes and cfg.runner.max_iters or cfg.runner.max_epochs
+    model = build_model(cfg.model, cfg.classes)  # full size, random init
+    assert model.config.num_labels == len(cfg.classes)
+    assert model.config.id2label[len(cfg.classes) - 1] == cfg.classes[-1]
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    if path.name in RECIPE_PARAMS:
+        assert abs(params - RECIPE_PARAMS[path.name]) / RECIPE_PARAMS[path.name] < 0.05, params
+    if params < 5:  # the small example models also run a forward pass
+        with torch.no_grad():
+            logits = model.eval()(pixel_values=torch.randn(1, 3, 64, 64)).logits
+        assert logits.shape[1] == len(cfg.classes)
+
+
+def test_recipes_name_their_pretrained_weights_and_dataset():
+    recipes = [p for p in TRAINING if p.parent.name in ("segformer", "upernet", "dpt", "beit")]
+    assert len(recipes) == 16  # SegFormer B0-B5 x ADE20K/Cityscapes, UperNet ConvNeXt + Swin, DPT, BEiT
+    for path in recipes:
+        model = load_config(path).dict["model"]
+        assert model.get("pretrained") or model.get("backbone_pretrained"), path
+        comments = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+        assert "MMSegmentation reports mIoU" in comments and "Expects:" in comments, path
+
+
+@pytest.mark.parametrize("path", BASES, ids=ids(BASES))
+def test_base_file_loads_and_is_used(path):
+    yaml.safe_load(path.read_text())
+    users = [p for p in TRAINING if path.resolve() in base_chain(p)[1:]]
+    assert users, f"{path} is not the base of any config"
+
+
+@pytest.mark.parametrize("path", LAUNCH, ids=ids(LAUNCH))
+def test_launch_config_is_what_accelerate_reads(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    config = ClusterConfig.from_yaml_file(str(path))  # refuses unknown keys
+    options = {action.dest for action in launch_command_parser()._actions}
+    for section in ("fsdp_config", "deepspeed_config"):
+        for key in getattr(config, section) or {}:
+            name = key if section == "deepspeed_config" or key.startswith("fsdp_") else f"fsdp_{key}"
+            assert name in options, f"{path}: {section}.{key} is not an accelerate launch option"
+    if config.num_machines > 1:
+        assert config.main_process_ip and config.main_process_port and config.rdzv_backend in ("static", "c10d")
+    fields = {f.name for f in dataclasses.fields(ClusterConfig)}
+    assert set(yaml.safe_load(path.read_text())) <= fields
+
+
+@pytest.mark.parametrize("path", OTHER, ids=ids(OTHER))
+def test_other_files(path):
+    if path.suffix == ".sh":
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+        assert "accelerate launch" in path.read_text()
+    elif path.suffix == ".json":
+        json.loads(path.read_text())
+        assert any(path.name in p.read_text() for p in TRAINING + BASES), f"{path} is used by no config"
+    else:
+        pytest.fail(f"unexpected file in configs/: {path}")
