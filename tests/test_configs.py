@@ -21,7 +21,7 @@ CONFIG_DIR = REPO / "configs"
 FILES = sorted(p for p in CONFIG_DIR.rglob("*") if p.is_file())
 TRAINING = [p for p in FILES if p.suffix == ".yaml" and not {"_base_", "accelerate"} & set(p.parts)]
 BASES = [p for p in FILES if "_base_" in p.parts]
-LAUNCH = [p for p in FILES if "accelerate" in p.parts and p.suffix == ".yaml"]
+LAUNCH = [p for p in FILES if "accelerate" in p.parts and p.suffix == ".yaml"] + [REPO / "accelerate_config.yaml"]
 OTHER = [p for p in FILES if p not in TRAINING + BASES + LAUNCH]
 
 # Published parameter counts of the recipes' models (millions, from MMSegmentation's /
