@@ -67,7 +67,7 @@ def _where() -> str:
 # (gloo, NCCL, the TCP store): a consequence, not the cause.
 _PEER_FAILURE_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe",
                          "communicator was aborted", "watchdog caught collective operation timeout",
-                         "timed out", "socket closed")
+                         "timed out", "socket closed", "pair closure", "gloo/transport", "ncclremoteerror")
 
 
 def _is_peer_failure(exc: BaseException) -> bool:

@@ -233,3 +233,20 @@ def test_sync_bn_on_two_gpus(tmp_path):
                              cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "converted to SyncBatchNorm across 2 processes" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(("message", "peer"), [
+    # what gloo raised in a process whose peer died or hung, seen in these tests' runs
+    ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+     "[127.0.0.1]:24747. This is typically caused by a remote worker crashing.", True),
+    ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 5000ms "
+     "for send operation to complete", True),
+    ("Application timeout caused pair closure", True),
+    ("planted failure on rank 1 at iteration 5", False),
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
+])
+def test_errors_caused_by_another_process_are_told_apart(message, peer):
+    from seg_accel.cli import _is_peer_failure
+
+    assert _is_peer_failure(RuntimeError(message)) is peer
+    assert _is_peer_failure(ValueError(message)) is False  # only what collectives raise
