@@ -113,3 +113,19 @@ def test_other_files(path):
         assert any(path.name in p.read_text() for p in TRAINING + BASES), f"{path} is used by no config"
     else:
         pytest.fail(f"unexpected file in configs/: {path}")
+
+
+def test_beit_recipe_keeps_the_checkpoint_tables_and_runs_at_640():
+    """The BEiT recipe's relative position tables have the 224 px checkpoint's size (27 x 27 + 3
+    rows), so microsoft/beit-base-patch16-224-pt22k-ft22k loads into them; a 640x640 crop runs
+    (transformers interpolates the tables to 40 x 40 patches). Shrunk to 4 blocks for speed."""
+    path = CONFIG_DIR / "beit/upernet_beit-b16_8xb2-160k_ade20k-640x640.yaml"
+    cfg = validate_train_config(load_config(path, ["model.pretrained=null", "model.config.num_hidden_layers=4",
+                                                   "model.config.out_indices=[0,1,2,3]",
+                                                   "optimizer.paramwise_cfg.num_layers=4"]))
+    model = build_model(cfg.model, cfg.classes).eval()
+    tables = [v for k, v in model.state_dict().items() if k.endswith("relative_position_bias_table")]
+    assert tables and all(t.shape == (27 * 27 + 3, 12) for t in tables)
+    with torch.no_grad():
+        logits = model(pixel_values=torch.randn(1, 3, 640, 640)).logits
+    assert logits.shape == (1, 150, 160, 160)
