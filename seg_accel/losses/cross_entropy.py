@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg_accel.losses.utils import load_class_weight, one_hot, reduce_pixel_loss, valid_mask
+from seg_accel.losses.utils import load_class_weight, one_hot, reduce_pixel_loss, resolve_ignore_index, valid_mask
 from seg_accel.registry import LOSSES
 
 
@@ -43,12 +43,9 @@ class CrossEntropyLoss(nn.Module):
         weight = None if self.class_weight is None else torch.tensor(self.class_weight, dtype=torch.float32)
         self.register_buffer("weight", weight, persistent=False)
 
-    def _ignore(self, ignore_index: int) -> int:
-        return self.ignore_index if self.ignore_index is not None else ignore_index
-
     def pixel_loss(self, logits_nchw: torch.Tensor, labels_nhw: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
         """The unreduced loss of each pixel ``(N, H, W)`` (0 on ignored pixels), before ``loss_weight``."""
-        ignore = self._ignore(ignore_index)
+        ignore = resolve_ignore_index(self.ignore_index, ignore_index)
         if not self.use_sigmoid:
             weight = None if self.weight is None else self.weight.to(logits_nchw.dtype)
             return F.cross_entropy(logits_nchw, labels_nhw, weight=weight, reduction="none", ignore_index=ignore)
@@ -74,7 +71,7 @@ class CrossEntropyLoss(nn.Module):
         pixel_weight_nhw: torch.Tensor | None = None,
         ignore_index: int = 255,
     ) -> torch.Tensor:
-        ignore = self._ignore(ignore_index)
+        ignore = resolve_ignore_index(self.ignore_index, ignore_index)
         loss = self.pixel_loss(logits_nchw, labels_nhw, ignore_index)
         if pixel_weight_nhw is not None:
             loss = loss * pixel_weight_nhw

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seg_accel.losses.utils import load_class_weight, one_hot, valid_mask
+from seg_accel.losses.utils import load_class_weight, one_hot, resolve_ignore_index, valid_mask
 from seg_accel.registry import LOSSES
 
 
@@ -39,7 +39,7 @@ class DiceLoss(nn.Module):
         pixel_weight_nhw: torch.Tensor | None = None,
         ignore_index: int = 255,
     ) -> torch.Tensor:
-        ignore = self.ignore_index if self.ignore_index is not None else ignore_index
+        ignore = resolve_ignore_index(self.ignore_index, ignore_index)
         probs = logits_nchw.float().softmax(1)
         target = one_hot(labels_nhw, probs.shape[1], ignore)
         mask = valid_mask(labels_nhw, ignore, pixel_weight_nhw).unsqueeze(1)

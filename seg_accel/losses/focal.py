@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seg_accel.errors import ConfigError
-from seg_accel.losses.utils import load_class_weight, one_hot, reduce_pixel_loss, valid_mask
+from seg_accel.losses.utils import load_class_weight, one_hot, reduce_pixel_loss, resolve_ignore_index, valid_mask
 from seg_accel.registry import LOSSES
 
 
@@ -45,7 +45,7 @@ class FocalLoss(nn.Module):
 
     def pixel_loss(self, logits_nchw: torch.Tensor, labels_nhw: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
         """``(N, H, W)``: the focal terms of a pixel summed over its class channels."""
-        ignore = self.ignore_index if self.ignore_index is not None else ignore_index
+        ignore = resolve_ignore_index(self.ignore_index, ignore_index)
         z = logits_nchw.float()
         target = one_hot(labels_nhw, z.shape[1], ignore)
         p = z.sigmoid()

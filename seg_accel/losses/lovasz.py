@@ -6,7 +6,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from seg_accel.losses.utils import load_class_weight
+from seg_accel.losses.utils import load_class_weight, resolve_ignore_index
 from seg_accel.registry import LOSSES
 
 
@@ -76,7 +76,7 @@ class LovaszLoss(nn.Module):
         pixel_weight_nhw: torch.Tensor | None = None,
         ignore_index: int = 255,
     ) -> torch.Tensor:
-        ignore = self.ignore_index if self.ignore_index is not None else ignore_index
+        ignore = resolve_ignore_index(self.ignore_index, ignore_index)
         probs = logits_nchw.float().softmax(1)
         keep = labels_nhw != ignore
         if pixel_weight_nhw is not None:

@@ -54,6 +54,11 @@ def reduce_pixel_loss(loss: torch.Tensor, reduction: str, denominator: torch.Ten
     return loss.sum() / denominator
 
 
+def resolve_ignore_index(own: int | None, head: int) -> int:
+    """A loss's ``ignore_index``: its own when set, else the head's (``ignore_index: null``)."""
+    return own if own is not None else head
+
+
 def valid_mask(labels_nhw: torch.Tensor, ignore_index: int, pixel_weight_nhw: torch.Tensor | None = None) -> torch.Tensor:
     """1 where a pixel counts (not ignored; times the sampler's weight when given)."""
     mask = (labels_nhw != ignore_index).to(torch.float32)
