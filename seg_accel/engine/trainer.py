@@ -65,6 +65,8 @@ from seg_accel.registry import HOOKS
 
 logger = logging.getLogger("seg_accel")
 
+# what a run leaves in its work dir (the Hub pushes and scripts/push_to_hub.py read them)
+CONFIG_FILE = "config.yaml"
 EVAL_RESULTS = "eval_results.json"
 FINAL_DIR = "final"
 RUN_INFO = "run_info.json"
@@ -111,7 +113,7 @@ class Trainer:
         )
         if acc.is_main_process:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            raw_cfg.save(self.work_dir / "config.yaml")
+            raw_cfg.save(self.work_dir / CONFIG_FILE)
         acc.wait_for_everyone()
         timestamp = setup_logging(self.work_dir, acc.is_main_process)
         self.json_log_path = self.work_dir / f"{timestamp}.log.json"

@@ -57,10 +57,9 @@ def _recipe(cfg: dict, info: dict) -> list[tuple[str, str]]:
             continue
         head = head or {}
         losses = head.get("loss_decode") or {"type": "CrossEntropyLoss", "loss_weight": 1.0}  # HeadConfig's default
-        if losses:
-            losses = losses if isinstance(losses, list) else [losses]
-            text = "; ".join(", ".join(f"{k}={v}" for k, v in loss.items()) for loss in losses)
-            rows.append((f"losses ({head_key})", text))
+        losses = losses if isinstance(losses, list) else [losses]
+        text = "; ".join(", ".join(f"{k}={v}" for k, v in loss.items()) for loss in losses)
+        rows.append((f"losses ({head_key})", text))
         sampler = head.get("sampler")
         if sampler:
             rows.append((f"pixel sampler ({head_key})", ", ".join(f"{k}={v}" for k, v in sampler.items())))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seg_accel.engine.hooks import CheckpointHook, EvalHook, Hook
+from seg_accel.engine.trainer import EVAL_RESULTS, FINAL_DIR
 from seg_accel.hub.push import HubPusher, stage_push
 
 if TYPE_CHECKING:
@@ -54,8 +55,6 @@ class PushToHubHook(Hook):
 
     @staticmethod
     def _latest_evaluation(runner: Trainer) -> dict | None:
-        from seg_accel.engine.trainer import EVAL_RESULTS
-
         file = runner.work_dir / EVAL_RESULTS
         return json.loads(file.read_text()) if file.is_file() else None
 
@@ -101,8 +100,6 @@ class PushToHubHook(Hook):
         self._after_step(runner)
 
     def after_run(self, runner: Trainer) -> None:
-        from seg_accel.engine.trainer import FINAL_DIR
-
         if not runner.accelerator.is_main_process:
             return
         evaluator = next((h for h in runner.hooks if isinstance(h, EvalHook)), None)

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from seg_accel.engine.trainer import CONFIG_FILE, EVAL_RESULTS, FINAL_DIR, RUN_INFO
 from seg_accel.errors import ConfigError
 
 logger = logging.getLogger("seg_accel")
@@ -28,7 +29,7 @@ class Source:
 
 def _work_dir_near(path: Path) -> Path | None:
     for folder in (path, *path.parents[:3]):
-        if (folder / "config.yaml").is_file():
+        if (folder / CONFIG_FILE).is_file():
             return folder
     return None
 
@@ -36,7 +37,6 @@ def _work_dir_near(path: Path) -> Path | None:
 def resolve_source(path: Path, config: Path | None, scratch: Path) -> Source:
     """What to push from ``path`` (see the module docstring); ``scratch`` holds a fresh export."""
     from seg_accel.engine.checkpoint import META
-    from seg_accel.engine.trainer import FINAL_DIR, RUN_INFO
 
     if not path.exists():
         raise ConfigError(f"no such file or folder: {path}", key="WORK_DIR_OR_CHECKPOINT")
@@ -56,7 +56,7 @@ def resolve_source(path: Path, config: Path | None, scratch: Path) -> Source:
         work_dir = _work_dir_near(path.parent)
         if (path / "pretrained" / "config.json").is_file():
             return Source(path / "pretrained", work_dir, iteration, path.name)
-        config = config or (work_dir / "config.yaml" if work_dir else None)
+        config = config or (work_dir / CONFIG_FILE if work_dir else None)
         if config is None:
             raise ConfigError(f"{path} has no export and no config.yaml was found beside it: pass --config",
                               key="--config")
@@ -87,7 +87,6 @@ def publish(path: Path, repo_id: str, private: bool | None = None, revision: str
     """Stage and push synchronously; True when the push went through."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from seg_accel.engine.trainer import EVAL_RESULTS, RUN_INFO
     from seg_accel.hub.push import HubPusher, stage_push
 
     try:

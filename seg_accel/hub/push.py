@@ -27,13 +27,12 @@ from typing import Any
 
 import yaml
 
+from seg_accel.engine.trainer import CONFIG_FILE, EVAL_RESULTS, RUN_INFO
 from seg_accel.hub.card import build_model_card
 
 logger = logging.getLogger("seg_accel")
 
-TRAINING_CONFIG = "training_config.yaml"
-RUN_INFO = "run_info.json"
-EVAL_RESULTS = "eval_results.json"
+TRAINING_CONFIG = "training_config.yaml"  # the work dir's config.yaml, under its name in the repo
 REDACTED = "<redacted: access token>"
 
 
@@ -91,7 +90,7 @@ def stage_push(
             shutil.copy2(file, staging / file.name)
     cfg: dict[str, Any] = {}
     if work_dir is not None:
-        config_file = work_dir / "config.yaml"
+        config_file = work_dir / CONFIG_FILE
         if config_file.is_file():
             shutil.copy2(config_file, staging / TRAINING_CONFIG)
             cfg = yaml.safe_load(config_file.read_text()) or {}

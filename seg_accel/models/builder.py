@@ -255,14 +255,24 @@ def load_backbone_weights(model: Any, source: str, key: str = "model.backbone_pr
         raise ConfigError(f"cannot load backbone weights '{source}' ({where}): {type(exc).__name__}: {exc}",
                           key=key) from exc
     dst = target.state_dict()
-    # transformers 5 renamed some modules (ViT: layers.N.attention.q_proj) but not others (DPT's
-    # ViT encoder keeps encoder.layer.N.attention.attention.query) and writes checkpoints under
-    # the old names: match the target against the source's names in both forms
-    src = max((source_model.state_dict(), _saved_names(source_model)),
-              key=lambda names: sum(k in dst and tuple(v.shape) == tuple(dst[k].shape) for k, v in names.items()))
-    # what the checkpoint did not hold (e.g. a backbone's output norms) is only initialised: not loaded
-    src = {k: v for k, v in src.items() if k not in set(info.get("missing_keys", ()))}
-    loaded = {k: v for k, v in src.items() if k in dst and tuple(v.shape) == tuple(dst[k].shape)}
+    missing = set(info.get("missing_keys", ()))  # not in the checkpoint: only initialised, never loaded
+
+    def checkpointed(names: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in names.items() if k not in missing}
+
+    def matching(names: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in names.items() if k in dst and tuple(v.shape) == tuple(dst[k].shape)}
+
+    src = checkpointed(source_model.state_dict())
+    loaded = matching(src)
+    if len(loaded) < len(src):
+        # transformers 5 renamed some modules (ViT: layers.N.attention.q_proj) but not others
+        # (DPT's ViT encoder keeps encoder.layer.N.attention.attention.query) and writes
+        # checkpoints under the old names: try those (one save to a temporary folder)
+        saved = checkpointed(_saved_names(source_model))
+        saved_loaded = matching(saved)
+        if len(saved_loaded) > len(loaded):
+            src, loaded = saved, saved_loaded
     mismatched = [f"{k} {tuple(src[k].shape)} vs {tuple(dst[k].shape)}" for k in src
                   if k in dst and k not in loaded]
     if not loaded:
