@@ -101,18 +101,16 @@ def _process_failed(exc: BaseException) -> int:
 
 # --------------------------------------------------------------------------- train
 def _train(args: argparse.Namespace) -> int:
-    from seg_accel.config import load_config, resolve_work_dir
-    from seg_accel.config.schema import errors_located_in, validate_train_config
+    from seg_accel.config import load_config
+    from seg_accel.engine.validate import validate_train_config
 
     cfg = load_config(args.config, args.cfg_options)
-    work_dir = resolve_work_dir(cfg, args.work_dir)
-    cfg.dict["work_dir"] = work_dir
-    train_cfg = validate_train_config(cfg)  # everything is checked before anything heavy starts
+    train_cfg = validate_train_config(cfg, args.work_dir)  # everything is checked before anything heavy starts
 
     from seg_accel.engine import Trainer
 
-    with errors_located_in(cfg):
-        Trainer(train_cfg, cfg, work_dir).train()
+    with cfg.errors_located():
+        Trainer(train_cfg, cfg).train()
     return 0
 
 
@@ -126,7 +124,7 @@ def train_cli(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- print_config
 def _print_config(args: argparse.Namespace) -> int:
     from seg_accel.config import load_config
-    from seg_accel.config.schema import validate_train_config
+    from seg_accel.engine.validate import validate_train_config
 
     cfg = load_config(args.config, args.cfg_options)
     sys.stdout.write(cfg.dump())
@@ -145,13 +143,13 @@ def print_config_cli(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- print_param_groups
 def _print_param_groups(args: argparse.Namespace) -> int:
     from seg_accel.config import load_config
-    from seg_accel.config.schema import errors_located_in, validate_train_config
+    from seg_accel.engine.validate import validate_train_config
     from seg_accel.models.builder import build_empty_model, build_model
     from seg_accel.optim import build_constructor, param_group_table
 
     cfg = load_config(args.config, args.cfg_options)
     train_cfg = validate_train_config(cfg)
-    with errors_located_in(cfg):
+    with cfg.errors_located():
         # weights are not needed for the table: the architecture on the meta device is enough
         model = build_empty_model(train_cfg.model, train_cfg.classes)
         if model is None:  # a Hub model whose config is not available locally: load it
@@ -173,13 +171,13 @@ def _class_weights(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from seg_accel.config import load_config
-    from seg_accel.config.schema import errors_located_in, validate_train_config
+    from seg_accel.engine.validate import validate_train_config
     from seg_accel.data import build_dataset
     from seg_accel.data.statistics import class_weights, count_pixels, frequency_table
 
     cfg = load_config(args.config, args.cfg_options)
     train_cfg = validate_train_config(cfg)
-    with errors_located_in(cfg):
+    with cfg.errors_located():
         # the raw labels (label_map and reduce_zero_label applied), not the augmented crops
         dataset_cfg = {**train_cfg.data.train, "pipeline": []}
         dataset = build_dataset(dataset_cfg, "data.train")
@@ -219,18 +217,18 @@ def class_weights_cli(argv: Sequence[str] | None = None) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from seg_accel.config import load_config, resolve_work_dir
-    from seg_accel.config.schema import errors_located_in, validate_train_config
+    from seg_accel.config import load_config
+    from seg_accel.engine.validate import validate_train_config
 
     if not 0.0 <= args.opacity <= 1.0:
         raise ConfigError(f"must be in [0, 1], got {args.opacity}", key="--opacity")
     cfg = load_config(args.config, args.cfg_options)
     train_cfg = validate_train_config(cfg)
-    out = Path(args.out) if args.out else Path(resolve_work_dir(cfg, None)) / "eval" / "results.json"
+    out = Path(args.out) if args.out else Path(train_cfg.work_dir) / "eval" / "results.json"
 
     from seg_accel.engine.tester import evaluate_checkpoint
 
-    with errors_located_in(cfg):
+    with cfg.errors_located():
         evaluate_checkpoint(train_cfg, cfg, args.checkpoint, args.metrics, args.aug_test, out,
                             Path(args.show_dir) if args.show_dir else None, args.opacity)
     return 0

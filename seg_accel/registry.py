@@ -257,7 +257,7 @@ LOSSES = Registry(
                      "seg_accel.losses.lovasz"],
 )
 SAMPLERS = Registry("pixel sampler", builtin_modules=["seg_accel.losses.ohem"])
-HOOKS = Registry("hook", builtin_modules=["seg_accel.engine.loggers"])
+HOOKS = Registry("hook", builtin_modules=["seg_accel.engine.loggers", "seg_accel.hub.hook"])
 TRANSFORMS = Registry("transform", builtin_modules=["seg_accel.data.transforms"])
 DATASETS = Registry("dataset", builtin_modules=["seg_accel.data.synthetic", "seg_accel.data.folder", "seg_accel.data.hub"])
 OPTIMIZERS = Registry(
@@ -272,7 +272,8 @@ MOMENTUM_POLICIES = Registry(
     "momentum policy", builtin_modules=["seg_accel.optim.schedules"], key="policy", runtime_args=("max_iters",),
     case_insensitive=True,
 )
-MODELS = Registry("model", fallback=_transformers_model, extra_names=_transformers_model_names)
+MODELS = Registry("model", runtime_args=("num_classes",), fallback=_transformers_model,
+                  extra_names=_transformers_model_names)
 
 
 def list_losses() -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from seg_accel.config import load_config, parse_cfg_options, parse_option_value, resolve_work_dir
-from seg_accel.config.schema import validate_train_config
+from seg_accel.engine.validate import validate_train_config
 from seg_accel.errors import ConfigError
 from tests.conftest import tiny_config, write_yaml
 

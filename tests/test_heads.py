@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from seg_accel.config import load_config
-from seg_accel.config.schema import validate_train_config
+from seg_accel.engine.validate import validate_train_config
 from seg_accel.engine import Trainer
 from seg_accel.losses import CrossEntropyLoss, DiceLoss, resize_logits
 from tests.conftest import CAMVID, REPO, tiny_config, write_yaml

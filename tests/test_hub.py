@@ -143,7 +143,7 @@ def test_scrub_token_redacts_text_and_drops_binary_files(tmp_path, capsys):
 ])
 def test_push_to_hub_config_errors(tmp_path, push, extra, key, message):
     from seg_accel.config import load_config
-    from seg_accel.config.schema import validate_train_config
+    from seg_accel.engine.validate import validate_train_config
     from seg_accel.errors import ConfigError
 
     cfg = push_config(**{k: v for k, v in push.items() if k != "strategy"})

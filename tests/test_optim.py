@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from seg_accel.config import load_config
-from seg_accel.config.schema import validate_train_config
+from seg_accel.engine.validate import validate_train_config
 from seg_accel.errors import ConfigError
 from seg_accel.optim import build_lr_scheduler, build_momentum_scheduler, build_optimizer
 from tests.conftest import tiny_config, write_yaml

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from seg_accel.config import load_config
-from seg_accel.config.schema import validate_train_config
+from seg_accel.engine.validate import validate_train_config
 from seg_accel.data import build_dataset, build_val_loader
 from seg_accel.engine import EVAL_RESULTS, FINAL_DIR, Trainer
 from seg_accel.engine.evaluation import collect_confusion
@@ -268,15 +268,13 @@ def _broadcast_probe():
     import torch
     from accelerate import Accelerator
 
-    from seg_accel.engine.trainer import Trainer
+    from seg_accel.engine.evaluation import broadcast_norm_buffers
 
     acc = Accelerator(cpu=True)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
     model[1].running_mean.fill_(float(acc.process_index + 1))  # differs per process, as after DDP training
     model[1].running_var.fill_(float(10 * (acc.process_index + 1)))
-    runner = Trainer.__new__(Trainer)
-    runner.accelerator, runner.model = acc, model
-    runner.broadcast_norm_buffers()
+    broadcast_norm_buffers(acc, model)
     assert model[1].running_mean.tolist() == [1.0, 1.0] and model[1].running_var.tolist() == [10.0, 10.0]
 
 

@@ -5,11 +5,13 @@ that errors later on can name both the dotted key and the file.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,11 +46,23 @@ class Config:
     def get(self, key: str, default: Any = None) -> Any:
         return self.dict.get(key, default)
 
-    def dump(self) -> str:
-        return yaml.safe_dump(_plain(self.dict), sort_keys=False, default_flow_style=None, width=100)
+    def dump(self, **overrides: Any) -> str:
+        """The config as YAML, with top-level ``overrides`` (e.g. the resolved ``work_dir``)."""
+        data = {**self.dict, **overrides}
+        return yaml.safe_dump(_plain(data), sort_keys=False, default_flow_style=None, width=100)
 
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(self.dump())
+    def save(self, path: str | os.PathLike, **overrides: Any) -> None:
+        Path(path).write_text(self.dump(**overrides))
+
+    @contextlib.contextmanager
+    def errors_located(self) -> Iterator[None]:
+        """Give every ConfigError raised inside the file its key came from."""
+        try:
+            yield
+        except ConfigError as exc:
+            if exc.file is None:
+                exc.file = self.origin(exc.key)
+            raise
 
 
 def _plain(obj: Any) -> Any:

@@ -1,23 +1,38 @@
-"""The training config schema: every top-level section, its keys, types and defaults.
+"""The training config schema: every top-level section, its keys, types, defaults and value rules.
 
-``validate_train_config`` checks the whole resolved config before anything heavy
-is built and returns typed sections. Components (``{type: ...}``) are checked
-against their registries through ``Spec`` annotations.
+This module is data only: ``parse_train_config`` turns the resolved YAML into frozen
+dataclasses and checks types and ranges. What a component name means (``{type: ...}``
+against its registry), the model architecture and the dry build of losses, optimizer and
+schedules are checked by ``seg_accel.engine.validate``, which also fills in the values
+that come from elsewhere (the data's class names, the work dir) in one place.
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from seg_accel.config.loader import Config
-from seg_accel.config.types import parse_section
+from seg_accel.config.types import Component, parse_section
 from seg_accel.errors import ConfigError
-from seg_accel.optim.param_groups import OPTIMIZER_OWN_KEYS, OptimizerSpec
-from seg_accel.optim.schedules import LrConfigSpec
-from seg_accel.registry import DATASETS, LOSSES, MOMENTUM_POLICIES, OPTIMIZERS, SAMPLERS, Spec
+
+PRIORITIES = {
+    "HIGHEST": 0, "VERY_HIGH": 10, "HIGH": 30, "ABOVE_NORMAL": 40, "NORMAL": 50,
+    "BELOW_NORMAL": 60, "LOW": 70, "VERY_LOW": 90, "LOWEST": 100,
+}
+METRICS = ("mIoU", "mDice", "mFscore")
+# keys of the optimizer section that are not the optimizer's own keyword arguments
+OPTIMIZER_OWN_KEYS = ("constructor", "paramwise_cfg")
+
+
+def get_priority(value: int | str, key: str = "priority") -> int:
+    """A hook priority: a name (``NORMAL``, case-insensitive) or an integer 0-100."""
+    if isinstance(value, str):
+        if value.upper() not in PRIORITIES:
+            raise ConfigError(f"unknown priority {value!r}; use one of {', '.join(PRIORITIES)} or 0-100", key=key)
+        return PRIORITIES[value.upper()]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise ConfigError(f"a priority is a name ({', '.join(PRIORITIES)}) or an integer 0-100, got {value!r}",
+                          key=key)
+    return value
 
 
 def _positive(value: int, key: str, minimum: int = 1) -> None:
@@ -25,27 +40,31 @@ def _positive(value: int, key: str, minimum: int = 1) -> None:
         raise ConfigError(f"must be >= {minimum}, got {value}", key=key)
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadConfig:
     """``model.auxiliary_head`` (and the base of ``model.decode_head``): how a head's logits
     are turned into losses."""
 
-    loss_decode: Annotated[Any, Spec(LOSSES, many="either")] = field(
+    loss_decode: Annotated[Any, Component("loss", many="either")] = field(
         default_factory=lambda: {"type": "CrossEntropyLoss", "loss_weight": 1.0}
     )
-    sampler: Annotated[dict | None, Spec(SAMPLERS)] = None
+    sampler: Annotated[dict | None, Component("pixel sampler")] = None
     align_corners: bool = False
     ignore_index: int = 255
 
     def loss_cfgs(self) -> list[dict]:
         return list(self.loss_decode) if isinstance(self.loss_decode, (list, tuple)) else [self.loss_decode]
 
+    def loss_key(self, key: str, index: int) -> str:
+        """The config key of the ``index``-th loss (``loss_decode`` or ``loss_decode.<i>``)."""
+        return f"{key}.loss_decode" + (f".{index}" if isinstance(self.loss_decode, (list, tuple)) else "")
+
     def validate(self, key: str) -> None:
         if not self.loss_cfgs():
             raise ConfigError("needs at least one loss", key=f"{key}.loss_decode")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeHeadConfig(HeadConfig):
     """``model.decode_head``: ``out_channels: 1`` makes a binary (two-class) head with one
     sigmoid channel, predicting the second class where ``sigmoid > threshold``."""
@@ -61,11 +80,12 @@ class DecodeHeadConfig(HeadConfig):
             raise ConfigError("threshold is for a 1-channel head (out_channels: 1)", key=f"{key}.threshold")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TestConfig:
-    """``model.test_cfg``: how evaluation runs the model (SPEC section 9): ``whole`` images or
-    ``slide`` windows of ``crop_size`` every ``stride`` pixels ([h, w]); ``img_ratios`` and
-    ``flip`` average the softmax probabilities over rescaled and flipped inputs."""
+    """``model.test_cfg``: how evaluation runs the model (docs/behaviour.md, "Inference"):
+    ``whole`` images or ``slide`` windows of ``crop_size`` every ``stride`` pixels ([h, w]);
+    ``img_ratios`` and ``flip`` average the softmax probabilities over rescaled and flipped
+    inputs."""
 
     mode: Literal["whole", "slide"] = "whole"
     crop_size: list[int] | None = None
@@ -83,9 +103,14 @@ class TestConfig:
             raise ConfigError(f"must be positive numbers, got {self.img_ratios}", key=f"{key}.img_ratios")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
-    """``model``: a transformers ``*ForSemanticSegmentation`` class and how to initialise it."""
+    """``model``: which network (``type``: a transformers ``*ForSemanticSegmentation`` class, a
+    model registered in ``MODELS`` or a dotted import path) and how to initialise it.
+
+    ``config`` holds the transformers config kwargs; a registered ``nn.Module`` takes its
+    constructor's keyword arguments in ``config`` too (``num_classes`` comes from the data).
+    """
 
     type: str
     pretrained: str | None = None
@@ -97,14 +122,11 @@ class ModelConfig:
     # `segformer`): a Hub id or save_pretrained folder of an ImageNet backbone
     backbone_pretrained: str | None = None
     norm_eval: bool = False  # BatchNorm layers stay in eval mode while training (running statistics)
-
-    def validate(self, key: str) -> None:
-        from seg_accel.models.builder import check_model_config
-
-        check_model_config(self, key)
+    # any other key: an option of a registered model's constructor (checked against it)
+    options: dict[str, Any] = field(default_factory=dict, metadata={"extra": True})
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoaderConfig:
     samples_per_gpu: int | None = None
     workers_per_gpu: int | None = None
@@ -116,15 +138,15 @@ class LoaderConfig:
             _positive(self.workers_per_gpu, f"{key}.workers_per_gpu", 0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """``data``: datasets and per-process loader settings (MMSegmentation names)."""
 
-    train: Annotated[dict, Spec(DATASETS)]
+    train: Annotated[dict, Component("dataset")]
     samples_per_gpu: int = 2
     workers_per_gpu: int = 2
-    val: Annotated[dict | None, Spec(DATASETS)] = None
-    test: Annotated[dict | None, Spec(DATASETS)] = None  # scripts/evaluate.py uses it (else val)
+    val: Annotated[dict | None, Component("dataset")] = None
+    test: Annotated[dict | None, Component("dataset")] = None  # the evaluate command uses it (else val)
     val_dataloader: LoaderConfig = field(default_factory=lambda: LoaderConfig(samples_per_gpu=1))
     test_dataloader: LoaderConfig = field(default_factory=lambda: LoaderConfig(samples_per_gpu=1))
     shuffle: bool = True  # each epoch in a new order (seeded by `seed`)
@@ -137,14 +159,19 @@ class DataConfig:
         _positive(self.shuffle_buffer_size, f"{key}.shuffle_buffer_size")
 
     def val_batch_size(self) -> int:
-        return self.val_dataloader.samples_per_gpu or 1
+        return self.loader("val")[0]
 
     def val_workers(self) -> int:
-        w = self.val_dataloader.workers_per_gpu
-        return self.workers_per_gpu if w is None else w
+        return self.loader("val")[1]
+
+    def loader(self, split: Literal["val", "test"]) -> tuple[int, int]:
+        """(batch size, workers) per process for evaluating on ``split``."""
+        cfg = self.val_dataloader if split == "val" else self.test_dataloader
+        workers = self.workers_per_gpu if cfg.workers_per_gpu is None else cfg.workers_per_gpu
+        return cfg.samples_per_gpu or 1, workers
 
 
-@dataclass
+@dataclass(frozen=True)
 class GradClipConfig:
     max_norm: float
     norm_type: float = 2.0
@@ -154,14 +181,14 @@ class GradClipConfig:
             raise ConfigError(f"must be > 0, got {self.max_norm}", key=f"{key}.max_norm")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerStepConfig:
     """``optimizer_config``: what happens at each optimizer step."""
 
     grad_clip: GradClipConfig | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunnerConfig:
     """``IterBasedRunner`` counts ``max_iters`` optimizer steps; ``EpochBasedRunner``
     ``max_epochs`` passes over the training data."""
@@ -183,43 +210,23 @@ class RunnerConfig:
         return self.type == "EpochBasedRunner"
 
 
-class HookSpec:
-    """Checks ``custom_hooks`` / ``log_config.hooks`` entries: ``priority`` plus the hook's options."""
-
-    def describe(self) -> str:
-        return "a list of hook mappings ({type: ..., priority: ...})"
-
-    def check(self, value: Any, key: str | None) -> None:
-        from seg_accel.engine.hooks import get_priority
-        from seg_accel.registry import HOOKS
-
-        if not isinstance(value, list):
-            raise ConfigError(f"expected {self.describe()}, got {value!r}", key=key)
-        for i, item in enumerate(value):
-            item_key = f"{key}.{i}"
-            if isinstance(item, dict) and "priority" in item:
-                get_priority(item["priority"], f"{item_key}.priority")
-            HOOKS.check({k: v for k, v in item.items() if k != "priority"} if isinstance(item, dict) else item,
-                        item_key)
-
-
-@dataclass
+@dataclass(frozen=True)
 class LogConfig:
     interval: int = 50
-    hooks: Annotated[list, HookSpec()] = field(default_factory=lambda: [{"type": "TextLoggerHook"}])
+    hooks: Annotated[list, Component("hook", many=True)] = field(default_factory=lambda: [{"type": "TextLoggerHook"}])
 
     def validate(self, key: str) -> None:
         _positive(self.interval, f"{key}.interval")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     """``checkpoint_config``: full training state every ``interval`` iterations (epochs with
     ``by_epoch``), the newest ``max_keep_ckpts`` kept (-1: all), in ``out_dir`` (default:
-    the work dir), and at the end with ``save_last``."""
+    the work dir), and at the end with ``save_last``. ``by_epoch`` left out follows the runner."""
 
     interval: int = 1000
-    by_epoch: bool | None = None  # default: as the runner counts
+    by_epoch: bool | None = None
     save_optimizer: bool = True
     max_keep_ckpts: int = -1
     out_dir: str | None = None
@@ -231,33 +238,45 @@ class CheckpointConfig:
             raise ConfigError(f"must be -1 (keep all) or >= 1, got {self.max_keep_ckpts}", key=f"{key}.max_keep_ckpts")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluationConfig:
     """``evaluation``: on ``data.val`` every ``interval`` iterations (epochs with an epoch-based
-    runner) and at the end; ``save_best`` keeps the best checkpoint by a metric."""
+    runner; null: only at the end) and, with ``final``, once more at the end; ``save_best``
+    keeps the best checkpoint by a metric. Left out of the config: only the final evaluation.
+    Set to null (or ``--no-validate``): no evaluation at all."""
 
-    interval: int = 1000
+    interval: int | None = 1000
     metric: str | list[str] = "mIoU"
     save_best: str | None = None
     rule: Literal["greater", "less"] | None = None
-    pre_eval: bool = True  # MMSegmentation's flag; seg-accel always accumulates per batch
+    final: bool = True
+    # MMSegmentation's switch between collecting every prediction (false) and reducing each batch
+    # to area counts (true); seg-accel always does the latter, so false is refused
+    pre_eval: bool = True
 
     def metrics(self) -> list[str]:
         return [self.metric] if isinstance(self.metric, str) else list(self.metric)
 
     def validate(self, key: str) -> None:
-        from seg_accel.metrics import METRIC_COLUMNS
-
-        _positive(self.interval, f"{key}.interval")
+        if self.interval is not None:
+            _positive(self.interval, f"{key}.interval")
         for m in self.metrics():
-            if m not in METRIC_COLUMNS:
-                raise ConfigError(f"unknown metric {m!r}; choose from {', '.join(METRIC_COLUMNS)}", key=f"{key}.metric")
+            if m not in METRICS:
+                raise ConfigError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}", key=f"{key}.metric")
         if not self.pre_eval:
             raise ConfigError("seg-accel always evaluates batch by batch (pre_eval: true); remove pre_eval",
                               key=f"{key}.pre_eval")
 
+    @property
+    def best_key(self) -> str | None:
+        """The metric ``save_best`` tracks (``auto``: the first metric)."""
+        if self.save_best == "auto":
+            first = self.metrics()[0]
+            return "m" + ("IoU" if first == "mIoU" else first[1:])
+        return self.save_best
 
-@dataclass
+
+@dataclass(frozen=True)
 class PushToHubConfig:
     """``push_to_hub``: publish the model (export, model card, config, logs) to a Hub repo.
 
@@ -274,13 +293,12 @@ class PushToHubConfig:
     retries: int = 3  # attempts per push before it is given up (with a warning)
     retry_wait: float = 5.0  # seconds before the 2nd attempt, doubling after each failure
     max_waiting: int = 3  # pushes queued behind the running upload; beyond, the oldest is dropped
-    token: Any = None  # refused: see validate
+    token: Any = field(default=None, repr=False)  # refused: see validate
 
     def validate(self, key: str) -> None:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
         if self.token is not None:
-            self.token = None  # never kept, never shown
             raise ConfigError("a token is never read from the config (configs are saved and uploaded): remove it "
                               "and set HF_TOKEN or run `hf auth login`", key=f"{key}.token")
         try:
@@ -299,28 +317,29 @@ class PushToHubConfig:
                                   f"({type(exc).__name__}: {exc})", key=f"{key}.commit_message") from exc
 
 
-@dataclass
+@dataclass(frozen=True)
 class CustomImportsConfig:
     imports: list[str] | str = field(default_factory=list)
     allow_failed_imports: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """All top-level keys a training config may have."""
+    """All top-level keys a training config may have, plus the values validation resolves
+    (``classes``; ``work_dir`` made absolute-or-relative path of the run)."""
 
     model: ModelConfig
     data: DataConfig
-    optimizer: Annotated[dict, OptimizerSpec()]
+    optimizer: Annotated[dict, Component("optimizer")]
     runner: RunnerConfig
-    lr_config: Annotated[dict | None, LrConfigSpec()] = None
-    momentum_config: Annotated[dict | None, Spec(MOMENTUM_POLICIES)] = None
+    lr_config: Annotated[dict | None, Component("lr schedule", key="policy")] = None
+    momentum_config: Annotated[dict | None, Component("momentum schedule", key="policy")] = None
     optimizer_config: OptimizerStepConfig = field(default_factory=OptimizerStepConfig)
     log_config: LogConfig = field(default_factory=LogConfig)
     workflow: list[tuple[Literal["train", "val"], int]] = field(default_factory=lambda: [("train", 1)])
     checkpoint_config: CheckpointConfig | None = None
-    evaluation: EvaluationConfig | None = None
-    custom_hooks: Annotated[list, HookSpec()] = field(default_factory=list)
+    evaluation: EvaluationConfig | None = field(default_factory=lambda: EvaluationConfig(interval=None))
+    custom_hooks: Annotated[list, Component("hook", many=True)] = field(default_factory=list)
     resume_from: str | None = None
     load_from: str | None = None
     auto_resume: bool = False
@@ -328,13 +347,31 @@ class TrainConfig:
     custom_imports: CustomImportsConfig | None = None
     work_dir: str | None = None
     seed: int = 0
+    deterministic: bool = False  # deterministic algorithms (cuDNN, torch.use_deterministic_algorithms)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     gradient_accumulation_steps: int = 1
     find_unused_parameters: bool | None = None
     sync_bn: bool = False  # BatchNorm -> SyncBatchNorm on multi-GPU runs (a notice elsewhere)
     dist_timeout: float | None = None  # seconds a collective may wait for the other processes (None: PyTorch's)
     push_to_hub: PushToHubConfig | None = None
-    classes: list[str] = field(default_factory=list, init=False)  # filled from data.train by validation
+    # resolved by validation, never read from the YAML
+    classes: list[str] = field(default_factory=list, metadata={"resolved": True})
+
+    @property
+    def ignore_index(self) -> int:
+        """The label value of unlabelled pixels: the decode head's ``ignore_index`` (datasets pad
+        with it, metrics skip it)."""
+        return self.model.decode_head.ignore_index
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates at all (``evaluation`` not null and a ``data.val``)."""
+        return self.evaluation is not None and self.data.val is not None
+
+    @property
+    def checkpoints_by_epoch(self) -> bool:
+        cfg = self.checkpoint_config
+        return self.runner.by_epoch if cfg is None or cfg.by_epoch is None else cfg.by_epoch
 
     def validate(self, key: str | None) -> None:
         _positive(self.gradient_accumulation_steps, "gradient_accumulation_steps")
@@ -348,7 +385,8 @@ class TrainConfig:
                 raise ConfigError("a val phase needs data.val", key=f"workflow.{i}")
         if not any(mode == "train" for mode, _ in self.workflow):
             raise ConfigError("needs a train phase, e.g. [[train, 1]]", key="workflow")
-        if self.evaluation is not None and self.data.val is None:
+        evaluation = self.evaluation
+        if evaluation is not None and self.data.val is None and (evaluation.interval or evaluation.save_best):
             raise ConfigError("evaluation needs data.val", key="evaluation")
         checkpoints = self.checkpoint_config
         if checkpoints is not None and checkpoints.by_epoch and not self.runner.by_epoch:
@@ -359,101 +397,15 @@ class TrainConfig:
         if push is not None and push.strategy == "checkpoint" and checkpoints is None:
             raise ConfigError("strategy: checkpoint pushes each checkpoint's export: it needs checkpoint_config",
                               key="push_to_hub.strategy")
-        if push is not None and push.strategy == "best" and (self.evaluation is None or not self.evaluation.save_best):
+        if push is not None and push.strategy == "best" and (evaluation is None or not evaluation.save_best):
             raise ConfigError("strategy: best pushes each new best model: it needs evaluation.save_best",
                               key="push_to_hub.strategy")
+        for section, hooks in (("log_config.hooks", self.log_config.hooks), ("custom_hooks", self.custom_hooks)):
+            for i, hook in enumerate(hooks):
+                if "priority" in hook:
+                    get_priority(hook["priority"], f"{section}.{i}.priority")
 
 
-def dataset_classes(dataset_cfg: dict, key: str) -> list[str]:
-    """Class names a dataset config defines, without loading any data."""
-    cls = DATASETS.get(dataset_cfg["type"], f"{key}.type")
-    resolve = getattr(cls, "resolve_classes", None)
-    if resolve is None:
-        raise ConfigError(f"dataset {dataset_cfg['type']} does not say its class names (no resolve_classes)", key=key)
-    kwargs = {k: v for k, v in dataset_cfg.items() if k != "type"}
-    try:
-        return list(resolve(**kwargs))
-    except ConfigError as exc:
-        raise exc.within(key, [*kwargs, *inspect.signature(resolve).parameters])
-
-
-def _dry_build(cfg: TrainConfig) -> None:
-    """Build what is cheap to build (transforms, losses, the model on the meta device, its
-    parameter groups, schedules, an optimizer over a dummy parameter) so that value checks
-    (ranges, lengths, unsupported combinations) fail now, not after the processes start."""
-    import torch
-
-    from seg_accel.data.transforms import build_pipeline
-    from seg_accel.losses.head import build_head_losses
-    from seg_accel.models.builder import build_empty_model
-    from seg_accel.optim import build_constructor, build_lr_scheduler, build_momentum_scheduler
-
-    for split in ("train", "val", "test"):
-        dataset_cfg = getattr(cfg.data, split)
-        if dataset_cfg is not None:
-            build_pipeline(dataset_cfg.get("pipeline"), f"data.{split}.pipeline")
-    for prefix, name in (("decode", "decode_head"), ("aux", "auxiliary_head")):
-        head = getattr(cfg.model, name)
-        if head is not None and not build_head_losses(head, len(cfg.classes), prefix, f"model.{name}").trains():
-            raise ConfigError(
-                "no loss is named 'loss_*', so this head would get no gradient; name at least one loss "
-                "loss_<something>",
-                key=f"model.{name}.loss_decode",
-            )
-    model = build_empty_model(cfg.model, cfg.classes)
-    constructor = build_constructor(cfg.optimizer)
-    if model is not None and hasattr(constructor, "param_groups"):
-        constructor.param_groups(model)
-    optimizer_cfg = {k: v for k, v in cfg.optimizer.items() if k not in OPTIMIZER_OWN_KEYS}
-    optimizer = OPTIMIZERS.build(optimizer_cfg, "optimizer", params=[torch.nn.Parameter(torch.zeros(2, 2))])
-    for section in ("lr_config", "momentum_config"):
-        section_cfg = getattr(cfg, section) or {}
-        # an iteration schedule on an epoch-based runner: its length is known once the data are
-        length = cfg.runner.max_epochs if section_cfg.get("by_epoch", False) else (cfg.runner.max_iters or 10**9)
-        builder = build_lr_scheduler if section == "lr_config" else build_momentum_scheduler
-        builder(getattr(cfg, section), optimizer, length)
-    from seg_accel.registry import HOOKS
-
-    for section, hook_cfgs in (("log_config.hooks", cfg.log_config.hooks), ("custom_hooks", cfg.custom_hooks)):
-        for i, hook_cfg in enumerate(hook_cfgs):  # their constructors may check more
-            hook = HOOKS.build({k: v for k, v in hook_cfg.items() if k != "priority"}, f"{section}.{i}")
-            if hasattr(hook, "check_package"):
-                hook.check_package()
-    for section in ("lr_config", "momentum_config"):
-        if (getattr(cfg, section) or {}).get("by_epoch", False) and not cfg.runner.by_epoch:
-            raise ConfigError(
-                "by_epoch: true needs EpochBasedRunner; with IterBasedRunner set by_epoch: false",
-                key=f"{section}.by_epoch",
-            )
-
-
-@contextlib.contextmanager
-def errors_located_in(cfg: Config) -> Iterator[None]:
-    """Give every ConfigError raised inside the file its key came from."""
-    try:
-        yield
-    except ConfigError as exc:
-        if exc.file is None:
-            exc.file = cfg.origin(exc.key)
-        raise
-
-
-def validate_train_config(cfg: Config) -> TrainConfig:
-    """Check the whole resolved config; every error names the key and the file it came from."""
-    with errors_located_in(cfg):
-        train_cfg = parse_section(cfg.dict, TrainConfig, None)
-        classes = dataset_classes(train_cfg.data.train, "data.train")
-        for split in ("val", "test"):
-            if getattr(train_cfg.data, split) is not None:
-                other = dataset_classes(getattr(train_cfg.data, split), f"data.{split}")
-                if other != classes:
-                    raise ConfigError(
-                        f"the {split} set's classes {other} differ from the training set's {classes}",
-                        key=f"data.{split}",
-                    )
-        from seg_accel.models.builder import check_model_against_data
-
-        check_model_against_data(train_cfg.model, classes, "model")
-        train_cfg.classes = classes
-        _dry_build(train_cfg)
-    return train_cfg
+def parse_train_config(data: dict) -> TrainConfig:
+    """Types, required keys and value ranges of a resolved config dict (no registry, no model)."""
+    return parse_section(data, TrainConfig, None)

@@ -21,6 +21,69 @@ def join_key(prefix: str | None, name: str | int) -> str:
     return f"{prefix}.{name}" if prefix else str(name)
 
 
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """Annotation metadata of a config field that holds a component (``{type: Name, ...}``) of
+    some ``kind`` (or a list of them). Parsing checks only the shape; what the name means and
+    which options it takes is checked against the registry of that kind by the builders
+    (``seg_accel.engine.validate``), so this layer needs no registry.
+
+    ``many``: False, one mapping; True, a list; "either", one or a list. ``key``: the field
+    naming the component (``policy`` for schedules)."""
+
+    kind: str
+    many: bool | str = False
+    key: str = "type"
+
+    def describe(self) -> str:
+        one = f"a {self.kind} mapping ({{{self.key}: ...}})"
+        if self.many is True:
+            return f"a list of {self.kind} mappings"
+        if self.many == "either":
+            return f"{one} or a list of them"
+        return one
+
+    def items(self, value: Any, key: str | None) -> list[tuple[str | None, dict]]:
+        """``(key, mapping)`` of each component in ``value`` (none for null)."""
+        if value is None:
+            return []
+        if isinstance(value, (list, tuple)) and self.many:
+            return [(join_key(key, i), item) for i, item in enumerate(value)]
+        return [(key, value)]
+
+    def check(self, value: Any, key: str | None) -> None:
+        if value is None:
+            return
+        if isinstance(value, (list, tuple)) and not self.many or self.many is True and not isinstance(value, (list, tuple)):
+            raise ConfigError(f"expected {self.describe()}, got {_short(value)}", key=key)
+        for item_key, item in self.items(value, key):
+            if not isinstance(item, dict):
+                raise ConfigError(f"expected a mapping with '{self.key}: <{self.kind} name>', got {_short(item)}",
+                                  key=item_key)
+
+
+def _short(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def components(section: Any, key: str | None = None) -> list[tuple[str | None, Any, Component]]:
+    """Every ``Component`` field in a parsed section (recursively): ``(key, value, marker)``."""
+    found = []
+    if not dataclasses.is_dataclass(section):
+        return found
+    hints = typing.get_type_hints(type(section), include_extras=True)
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        field_key = join_key(key, f.name)
+        tp = hints.get(f.name)
+        if get_origin(tp) is typing.Annotated:
+            found += [(field_key, value, m) for m in tp.__metadata__ if isinstance(m, Component)]
+        if dataclasses.is_dataclass(value):
+            found += components(value, field_key)
+    return found
+
+
 def describe(tp: Any) -> str:
     """A readable name for an annotation: 'float', 'list of int', "one of 'no', 'fp16'"."""
     origin = get_origin(tp)
@@ -80,9 +143,7 @@ def type_hints(obj: Any) -> dict[str, Any]:
 
 
 def _fail(value: Any, tp: Any, key: str | None) -> ConfigError:
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
+    shown = _short(value)
     vtype = "null" if value is None else type(value).__name__
     return ConfigError(f"expected {describe(tp)}, got {shown} ({vtype})", key=key)
 
@@ -199,15 +260,24 @@ def parse_section(value: Any, cls: type, key: str | None) -> Any:
     if not isinstance(value, dict):
         raise ConfigError(f"expected a mapping, got {value!r} ({type(value).__name__})", key=key)
     hints = typing.get_type_hints(cls, include_extras=True)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # fields marked `resolved` are filled in by validation (e.g. the data's class names), not by the user
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("resolved")}
+    # a field marked `extra` collects the keys the section does not know (a model's own options,
+    # checked against its constructor by the builders)
+    extra = next((f.name for f in fields.values() if f.metadata.get("extra")), None)
     for name in value:
-        if name not in fields:
+        if name not in fields and extra is None or name == extra:
             where = f"'{key}'" if key else "the config"
             raise ConfigError(
-                f"unknown key '{name}' in {where}." + did_you_mean(str(name), fields), key=join_key(key, name)
+                f"unknown key '{name}' in {where}." + did_you_mean(str(name), [f for f in fields if f != extra]),
+                key=join_key(key, name),
             )
     kwargs = {}
+    if extra is not None:
+        kwargs[extra] = {k: v for k, v in value.items() if k not in fields}
     for name, field in fields.items():
+        if name == extra:
+            continue
         if name in value:
             kwargs[name] = parse_value(value[name], hints[name], join_key(key, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:

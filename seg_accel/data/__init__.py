@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 from seg_accel.data.base import SegDataset
-from seg_accel.data.loader import InfiniteShardedSampler, ShardSampler, build_train_loader, build_val_loader, collate
+from seg_accel.data.loader import (
+    EpochBookkeeping,
+    InfiniteShardedSampler,
+    ShardSampler,
+    build_train_loader,
+    build_val_loader,
+    collate,
+)
 from seg_accel.registry import DATASETS
 
 
@@ -14,6 +21,7 @@ def build_dataset(cfg: dict, key: str, ignore_index: int = 255, skip_bad_samples
 
 
 __all__ = [
+    "EpochBookkeeping",
     "InfiniteShardedSampler",
     "SegDataset",
     "ShardSampler",

@@ -9,12 +9,15 @@ Accelerate's ``DataLoaderShard`` would shard such a loader a second time.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+logger = logging.getLogger("seg_accel")
 
 _SEED_MOD = 2**63 - 1
 
@@ -160,3 +163,38 @@ def build_val_loader(
         pin_memory=pin_memory,
         worker_init_fn=_seed_worker,
     )
+
+
+class EpochBookkeeping:
+    """Per epoch of the training stream: samples repeated to even out the processes, and bad
+    samples skipped; reported when the stream moves on to the next epoch. ``plan`` (streamed
+    data) gives every process's sample count, so the main process reports them all."""
+
+    def __init__(self, rank: int, plan: Any = None):
+        self.rank, self.plan, self.epoch = rank, plan, None
+        self.repeats, self.skipped = 0, []
+
+    def update(self, batch: dict[str, Any]) -> None:
+        epochs = batch["epochs"].tolist()
+        repeated = batch["repeated"].tolist()
+        for epoch in sorted(set(epochs)):  # a batch may straddle two epochs
+            if self.epoch is not None and epoch > self.epoch:
+                self.finish()
+            self.epoch = epoch if self.epoch is None else max(self.epoch, epoch)
+            self.repeats += sum(r for e, r in zip(epochs, repeated) if e == epoch)
+            self.skipped += [reason for e, reason in batch["skipped"] if e == epoch]
+
+    def finish(self) -> None:
+        if self.plan is not None and self.epoch is not None:
+            counts = self.plan(self.epoch).counts
+            if len(set(counts)) > 1:
+                logger.info("epoch %d: samples per process %s; repeated %s so that every process runs the same "
+                            "steps", self.epoch, ", ".join(map(str, counts)),
+                            ", ".join(str(max(counts) - c) for c in counts))
+        if self.repeats:
+            logger.info("epoch %d: process %d repeated %d sample(s)", self.epoch, self.rank, self.repeats)
+        if self.skipped:
+            shown = "; ".join(self.skipped[:3]) + (f"; ... ({len(self.skipped) - 3} more)" if len(self.skipped) > 3 else "")
+            logger.warning("epoch %d: process %d skipped %d bad sample(s): %s", self.epoch, self.rank,
+                           len(self.skipped), shown)
+        self.repeats, self.skipped = 0, []

@@ -1,16 +1,23 @@
-"""Evaluation on a dataset: a confusion matrix per process, summed once across processes."""
+"""Evaluation, shared by training (``EvalHook``) and the evaluate command: a confusion matrix per
+process over its shard, summed once across processes, and every metric from the sum."""
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from seg_accel.engine.inference import Inferencer
-from seg_accel.metrics import confusion_matrix
+from seg_accel.engine.workdir import write_text_atomic
+from seg_accel.metrics import confusion_matrix, format_table, metrics_from_confusion
+
+if TYPE_CHECKING:
+    from seg_accel.engine.loggers import RunLog
 
 logger = logging.getLogger("seg_accel")
 
@@ -47,3 +54,76 @@ def collect_confusion(
     finally:
         model.train(was_training)
     return cm
+
+
+def broadcast_norm_buffers(accelerator: Any, model: torch.nn.Module) -> None:
+    """Every process evaluates (and exports) the main process's model: BatchNorm running
+    statistics are per process in DDP (each updates them with its own batches), so they
+    are copied from process 0 first (mmcv's ``broadcast_bn_buffer``)."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast
+
+    for module in accelerator.unwrap_model(model).modules():
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase):
+            for buffer in module.buffers(recurse=False):
+                if buffer is not None:
+                    buffer.copy_(broadcast(buffer.clone(), from_process=0))
+
+
+def evaluate_model(accelerator: Any, model: torch.nn.Module, loader: DataLoader, classes: list[str],
+                   ignore_index: int, inferencer: Inferencer, metrics: list[str],
+                   on_batch: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
+                   ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(confusion matrix summed over every process, metrics); identical for any number of
+    processes. The per-class table is logged."""
+    cm = collect_confusion(accelerator.unwrap_model(model), loader, len(classes), ignore_index,
+                           device=accelerator.device, show_progress=accelerator.is_main_process,
+                           inferencer=inferencer, on_batch=on_batch)
+    if accelerator.num_processes > 1:
+        cm = accelerator.reduce(cm, reduction="sum")
+    results = metrics_from_confusion(cm, metrics)
+    logger.info("per-class results:\n%s", format_table(classes, results["per_class"]))
+    return cm, results
+
+
+def eval_record(results: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """The summary metrics and ``<column>.<class>`` per-class values of one evaluation."""
+    summary = {k: v for k, v in results.items() if k != "per_class"}
+    per_class = {f"{column}.{name}": value for column, values in results["per_class"].items()
+                 for name, value in zip(classes, values)}
+    return {**summary, **per_class}
+
+
+class Evaluator:
+    """Training-time evaluation on ``data.val``: at most once per iteration (a second request
+    at the same iteration gets the same results), the main process's BatchNorm statistics,
+    the record handed to the logger hooks and ``eval_results.json`` rewritten."""
+
+    def __init__(self, accelerator: Any, model: torch.nn.Module, loader: DataLoader, classes: list[str],
+                 ignore_index: int, inferencer: Inferencer, results_file: Path, log: RunLog):
+        self.accelerator, self.model, self.loader = accelerator, model, loader
+        self.classes, self.ignore_index, self.inferencer = list(classes), ignore_index, inferencer
+        self.results_file, self.log = results_file, log
+        self.latest: dict[str, Any] | None = None
+        self._latest_iter: int | None = None
+
+    def evaluate(self, iteration: int, epoch: int, metrics: list[str]) -> dict[str, Any]:
+        if self._latest_iter == iteration and self.latest is not None:
+            return self.latest
+        acc = self.accelerator
+        broadcast_norm_buffers(acc, self.model)
+        cm, results = evaluate_model(acc, self.model, self.loader, self.classes, self.ignore_index,
+                                     self.inferencer, metrics)
+        self.log.emit({"mode": "val", "epoch": epoch, "iter": iteration, **eval_record(results, self.classes)})
+        if acc.is_main_process:
+            payload = {
+                "iter": iteration, "epoch": epoch,
+                "metrics": {k: v for k, v in results.items() if k != "per_class"},
+                "per_class": {c: dict(zip(self.classes, v)) for c, v in results["per_class"].items()},
+                "confusion_matrix": cm.cpu().tolist(), "classes": self.classes,
+                "num_processes": acc.num_processes,
+            }
+            write_text_atomic(self.results_file, json.dumps(payload, indent=2))
+        self.latest, self._latest_iter = results, iteration
+        return results

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from seg_accel.losses.head import BINARY_THRESHOLD, resize_logits
-from seg_accel.models.builder import segmentation_logits
+from seg_accel.models.interface import segmentation_logits
 
 DEFAULT_AUG_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
 
@@ -35,6 +35,7 @@ class Inferencer:
 
     def __init__(self, test_cfg: Any = None, align_corners: bool = False, autocast: Any = None,
                  threshold: float | None = None):
+        self.test_cfg = test_cfg
         self.mode = getattr(test_cfg, "mode", "whole")
         self.crop = tuple(getattr(test_cfg, "crop_size", None) or ())
         self.stride = tuple(getattr(test_cfg, "stride", None) or ())

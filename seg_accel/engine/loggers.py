@@ -1,8 +1,11 @@
-"""Logger hooks (``log_config.hooks``): text and JSON lines, TensorBoard, Weights & Biases, MLflow.
+"""The run log and the logger hooks (``log_config.hooks``): text and JSON lines, TensorBoard,
+Weights & Biases, MLflow.
 
-Every ``log_config.interval`` iterations the runner reduces the interval's means over all
-processes once and hands the record to every logger hook; evaluation results go the
-same way. TensorBoard, W&B and MLflow are Accelerate trackers (main process only).
+``RunLog`` collects the values of each iteration (losses, ``time``, ``data_time``,
+``grad_norm``); every ``log_config.interval`` iterations it averages them over the interval
+and over all processes once, and hands the record to every logger hook attached to it;
+evaluation records go the same way. TensorBoard, W&B and MLflow are Accelerate trackers
+(main process only).
 """
 from __future__ import annotations
 
@@ -10,11 +13,15 @@ import importlib.util
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from seg_accel.engine.hooks import Hook
-from seg_accel.engine.log import format_eta
+from seg_accel.engine.log import IntervalMeter, format_eta
 from seg_accel.errors import ConfigError
 from seg_accel.registry import HOOKS
 
@@ -26,24 +33,98 @@ logger = logging.getLogger("seg_accel")
 PER_CLASS = ("IoU", "Acc", "Dice", "Fscore", "Precision", "Recall")  # per-class columns: the table shows them
 
 
+class RunLog:
+    """Values of the current log interval and where records go (``attach``ed logger hooks)."""
+
+    def __init__(self, accelerator: Any, work_dir: Path, json_path: Path, interval: int, max_iters: int,
+                 by_epoch: bool, steps_per_epoch: int):
+        self.accelerator, self.work_dir, self.json_path = accelerator, Path(work_dir), Path(json_path)
+        self.interval, self.max_iters, self.by_epoch, self.steps_per_epoch = interval, max_iters, by_epoch, steps_per_epoch
+        self.meter = IntervalMeter()
+        self.scheduled: dict[str, float] = {}  # lr and momentum of the current iteration (not averaged)
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._record: tuple[int, dict[str, Any] | None] | None = None
+        self._started, self._start_iter = time.perf_counter(), 0
+
+    def start(self, iteration: int) -> None:
+        """Training (re)starts at ``iteration``: the ETA counts from here."""
+        self._started, self._start_iter = time.perf_counter(), iteration
+
+    def seconds_per_iter(self, iteration: int) -> float:
+        return (time.perf_counter() - self._started) / max(iteration - self._start_iter, 1)
+
+    def put(self, key: str, value: float | torch.Tensor) -> None:
+        """A value of this iteration (a tensor stays on its device until the record is made)."""
+        self.meter.update({key: value})
+
+    def put_all(self, values: dict[str, float | torch.Tensor]) -> None:
+        self.meter.update(values)
+
+    def is_log_iter(self, iteration: int) -> bool:
+        return iteration % self.interval == 0 or iteration == self.max_iters
+
+    def train_record(self, iteration: int, epoch: int) -> dict[str, Any] | None:
+        """At a log iteration: the interval's means over all processes (computed once however
+        many logger hooks ask); otherwise None. Every process calls it at the same iterations."""
+        if self._record is not None and self._record[0] == iteration:
+            return self._record[1]
+        record = None
+        if self.is_log_iter(iteration):
+            averages = self.meter.averages()
+            self.meter.reset()
+            keys = sorted(averages)
+            values = torch.tensor([averages[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+            if self.accelerator.num_processes > 1:
+                values = self.accelerator.reduce(values, reduction="mean")
+            averages = dict(zip(keys, values.tolist()))
+            record = {"mode": "train", "epoch": epoch + 1, "iter": iteration, **self.scheduled}
+            record.update({k: averages.pop(k) for k in ("time", "data_time") if k in averages})
+            if self.accelerator.device.type == "cuda":
+                record["memory"] = torch.cuda.max_memory_allocated(self.accelerator.device) // 2**20
+            record.update(averages)
+        self._record = (iteration, record)
+        return record
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """Hand a record (an evaluation, a val phase) to every attached logger hook."""
+        for listener in self.listeners:
+            listener(record)
+
+    def reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Means over all processes (the same keys on every process)."""
+        keys = sorted(values)
+        tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            tensor = self.accelerator.reduce(tensor, reduction="mean")
+        return dict(zip(keys, tensor.tolist()))
+
+
 class LoggerHook(Hook):
-    """Base of the logger hooks: ``log(runner, record)`` for each train/val record."""
+    """Base of the logger hooks: ``log(record)`` for each train/val record of the ``RunLog``
+    the trainer attaches it to. ``by_epoch`` (MMSegmentation's): log lines count iterations
+    within the epoch (``Epoch [2][40/120]``) rather than overall (``Iter [280/1000]``); left
+    out, as the runner counts."""
 
     priority = "VERY_LOW"
     tracker: str | None = None  # the Accelerate tracker this hook writes through
 
-    def __init__(self, by_epoch: bool = False):
-        self.by_epoch = by_epoch  # accepted as in MMSegmentation configs; records carry both iter and epoch
+    def __init__(self, by_epoch: bool | None = None):
+        self.by_epoch = by_epoch
+        self.run_log: RunLog | None = None
 
-    def log(self, runner: Trainer, record: dict[str, Any]) -> None:
+    def attach(self, run_log: RunLog) -> None:
+        self.run_log = run_log
+        run_log.listeners.append(self.log)
+
+    def log(self, record: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def after_train_iter(self, runner: Trainer) -> None:
-        record = runner.interval_record()
+        record = self.run_log.train_record(runner.iter, runner.epoch)
         if record is not None:
-            self.log(runner, record)
+            self.log(record)
 
-    def tracker_kwargs(self, runner: Trainer) -> dict[str, Any]:
+    def tracker_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Accelerator.init_trackers(init_kwargs=...)``."""
         return {}
 
@@ -52,23 +133,28 @@ class LoggerHook(Hook):
 class TextLoggerHook(LoggerHook):
     """A console line per record and one JSON object a line in ``<work_dir>/<timestamp>.log.json``."""
 
-    def log(self, runner: Trainer, record: dict[str, Any]) -> None:
-        if runner.accelerator.is_main_process:
-            with open(runner.json_log_path, "a") as f:
+    def log(self, record: dict[str, Any]) -> None:
+        run = self.run_log
+        if run.accelerator.is_main_process:
+            with open(run.json_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if record["mode"] == "train":
-            remaining = runner.max_iters - record["iter"]
+            remaining = run.max_iters - record["iter"]
             parts = [f"lr: {record['lr']:.3e}"] if "lr" in record else []
             parts += [f"{k}: {v:.3e}" for k, v in record.items() if k.startswith(("lr.", "momentum"))]
-            parts.append(f"eta: {format_eta(runner.seconds_per_iter() * remaining)}")
+            parts.append(f"eta: {format_eta(run.seconds_per_iter(record['iter']) * remaining)}")
             parts += [f"{k}: {record[k]:.3f}" for k in ("time", "data_time") if k in record]
             if "memory" in record:
                 parts.append(f"memory: {record['memory']}")
             skip = {"mode", "iter", "epoch", "lr", "time", "data_time", "memory"}
             parts += [f"{k}: {v:.4f}" for k, v in record.items()
                       if k not in skip and not k.startswith(("lr.", "momentum")) and isinstance(v, float)]
-            where = (f"Epoch [{record['epoch']}][{record['iter']}/{runner.max_iters}]" if runner.by_epoch
-                     else f"Iter [{record['iter']}/{runner.max_iters}]")
+            by_epoch = run.by_epoch if self.by_epoch is None else self.by_epoch
+            if by_epoch:
+                within = (record["iter"] - 1) % run.steps_per_epoch + 1
+                where = f"Epoch [{record['epoch']}][{within}/{run.steps_per_epoch}]"
+            else:
+                where = f"Iter [{record['iter']}/{run.max_iters}]"
             logger.info("%s\t%s", where, ", ".join(parts))
         else:
             values = "  ".join(f"{k}: {v:.{2 if k[0] in 'am' and '.' not in k else 4}f}" for k, v in record.items()
@@ -90,12 +176,13 @@ class TrackerLoggerHook(LoggerHook):
                 key="log_config.hooks",
             )
 
-    def log(self, runner: Trainer, record: dict[str, Any]) -> None:
-        if not runner.accelerator.is_main_process:
+    def log(self, record: dict[str, Any]) -> None:
+        accelerator = self.run_log.accelerator
+        if not accelerator.is_main_process:
             return
         values = {f"{record['mode']}/{k}": v for k, v in record.items()
                   if k not in ("mode", "iter", "epoch") and isinstance(v, (int, float))}
-        runner.accelerator.get_tracker(self.tracker, unwrap=False).log(values, step=record["iter"])
+        accelerator.get_tracker(self.tracker, unwrap=False).log(values, step=record["iter"])
 
 
 @HOOKS.register()
@@ -104,7 +191,7 @@ class TensorboardLoggerHook(TrackerLoggerHook):
 
     tracker, package = "tensorboard", "tensorboard"
 
-    def __init__(self, log_dir: str | None = None, by_epoch: bool = False):
+    def __init__(self, log_dir: str | None = None, by_epoch: bool | None = None):
         super().__init__(by_epoch)
         self.log_dir = log_dir
 
@@ -116,15 +203,15 @@ class WandbLoggerHook(TrackerLoggerHook):
     tracker, package = "wandb", "wandb"
 
     def __init__(self, project: str | None = None, mode: str | None = None, init_kwargs: dict | None = None,
-                 by_epoch: bool = False):
+                 by_epoch: bool | None = None):
         super().__init__(by_epoch)
         self.project, self.mode, self.init_kwargs = project, mode, dict(init_kwargs or {})
 
-    def tracker_kwargs(self, runner: Trainer) -> dict[str, Any]:
+    def tracker_kwargs(self) -> dict[str, Any]:
         kwargs = dict(self.init_kwargs)
         if self.mode is not None:
             kwargs["mode"] = self.mode
-        kwargs.setdefault("dir", str(runner.work_dir))
+        kwargs.setdefault("dir", str(self.run_log.work_dir))
         return {"wandb": kwargs}
 
 
@@ -135,22 +222,23 @@ class MlflowLoggerHook(TrackerLoggerHook):
 
     tracker, package = "mlflow", "mlflow"
 
-    def __init__(self, exp_name: str | None = None, tracking_uri: str | None = None, by_epoch: bool = False):
+    def __init__(self, exp_name: str | None = None, tracking_uri: str | None = None, by_epoch: bool | None = None):
         super().__init__(by_epoch)
         self.exp_name, self.tracking_uri = exp_name, tracking_uri
 
-    def tracker_kwargs(self, runner: Trainer) -> dict[str, Any]:
+    def tracker_kwargs(self) -> dict[str, Any]:
+        run = self.run_log
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if uri is None:  # a local file store needs no server (MLflow 3 asks for this opt-in)
-            uri = Path(runner.work_dir, "mlruns").resolve().as_uri()
+            uri = Path(run.work_dir, "mlruns").resolve().as_uri()
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        if runner.accelerator.is_main_process:
+        if run.accelerator.is_main_process:
             import mlflow
 
             mlflow.set_tracking_uri(uri)
         if self.exp_name:  # Accelerate's MLflow tracker reads the experiment name from here first
             os.environ["MLFLOW_EXPERIMENT_NAME"] = self.exp_name
-        return {"mlflow": {"run_name": Path(runner.work_dir).name}}
+        return {"mlflow": {"run_name": run.work_dir.name}}
 
 
 def tracker_project(hooks: list[Hook], work_dir: Path) -> tuple[list[str], str]:

@@ -1,4 +1,4 @@
-"""``scripts/evaluate.py``: score a checkpoint on ``data.test`` (else ``data.val``).
+"""The evaluate command: score a checkpoint on ``data.test`` (else ``data.val``).
 
 Each process takes its shard of the dataset (no padding, so no sample is counted twice),
 accumulates a confusion matrix on its device and the matrices are summed once; every
@@ -18,12 +18,8 @@ import torch
 
 from seg_accel.config.loader import Config
 from seg_accel.config.schema import TrainConfig
-from seg_accel.data import build_dataset, build_val_loader
-from seg_accel.engine.evaluation import collect_confusion
-from seg_accel.engine.inference import DEFAULT_AUG_RATIOS, Inferencer
 from seg_accel.engine.log import setup_logging
 from seg_accel.errors import ConfigError
-from seg_accel.metrics import format_table, metrics_from_confusion
 
 logger = logging.getLogger("seg_accel")
 
@@ -34,36 +30,41 @@ def default_palette(num_classes: int) -> np.ndarray:
 
 
 def load_model(cfg: TrainConfig, checkpoint: str) -> Any:
-    """A training checkpoint folder, a ``save_pretrained`` folder or a Hub id."""
+    """A training checkpoint folder (the architecture from the config), an export folder or a
+    Hub id it was pushed to."""
     import os
 
-    from transformers import AutoModelForSemanticSegmentation
-
     from seg_accel.engine.checkpoint import META, load_weights
-    from seg_accel.models.builder import build_model
+    from seg_accel.models import build_model
+    from seg_accel.models import load_model as load_export
 
     path = Path(checkpoint)
-    if (path / META).is_file():  # a training checkpoint: the architecture from the config
-        model = build_model(cfg.model, cfg.classes)
+    if (path / META).is_file():
+        model = build_model(cfg.model, list(cfg.classes))
         load_weights(model, path, key="CHECKPOINT")
         return model
-    if path.is_dir() and (path / "config.json").is_file():
-        source = str(path)
-    elif path.exists() or checkpoint.startswith((".", "/")) or checkpoint.count("/") > 1:
-        raise ConfigError(f"not a checkpoint or save_pretrained folder: {checkpoint}", key="CHECKPOINT")
-    else:
-        source = checkpoint  # a Hub id
     try:
-        model = AutoModelForSemanticSegmentation.from_pretrained(source)
-    except OSError as exc:
+        model = load_export(checkpoint)
+    except (OSError, ImportError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        if path.exists() or checkpoint.startswith((".", "/")) or checkpoint.count("/") > 1:
+            raise ConfigError(f"not a checkpoint or save_pretrained folder (an export): {checkpoint}",
+                              key="CHECKPOINT") from exc
         raise ConfigError(f"cannot load '{checkpoint}'{' (HF_HUB_OFFLINE is set)' if offline else ''}: {exc}",
                           key="CHECKPOINT") from exc
     outputs = cfg.model.decode_head.out_channels or len(cfg.classes)
-    if model.config.num_labels != outputs:
-        raise ConfigError(f"the model has {model.config.num_labels} output classes but the data defines "
+    found = _output_channels(model)
+    if found is not None and found != outputs:
+        raise ConfigError(f"the model has {found} output classes but the data defines "
                           f"{len(cfg.classes)} ({', '.join(cfg.classes)})", key="CHECKPOINT")
     return model
+
+
+def _output_channels(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_labels"):
+        return int(config.num_labels)
+    return getattr(model, "num_classes", None)
 
 
 class Overlays:
@@ -141,51 +142,34 @@ def save_plots(out: Path, classes: list[str], cm: torch.Tensor, results: dict[st
 def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metrics: list[str], aug_test: bool,
                         out: Path, show_dir: Path | None = None, opacity: float = 0.5) -> dict[str, Any]:
     """Score ``checkpoint``; print the table; write ``out`` (JSON) and its two PNGs (main process)."""
-    from accelerate import Accelerator
+    from seg_accel.engine.evaluation import evaluate_model
+    from seg_accel.engine.setup import build_accelerator, build_eval_loader, build_inferencer, check_split
 
-    from seg_accel.engine.trainer import _multi_process_without_accelerator
-
-    acc = Accelerator(cpu=_multi_process_without_accelerator(), mixed_precision=cfg.mixed_precision)
+    acc, _ = build_accelerator(cfg, training=False)
     setup_logging(None, acc.is_main_process)
-    split = "test" if cfg.data.test is not None else "val"
-    if getattr(cfg.data, split) is None:
-        raise ConfigError("nothing to evaluate on: set data.test or data.val", key="data")
-    head = cfg.model.decode_head
-    dataset = build_dataset(getattr(cfg.data, split), f"data.{split}", head.ignore_index, cfg.data.skip_bad_samples)
-    dataset.test_mode = True
-    loader_cfg = cfg.data.test_dataloader if split == "test" else cfg.data.val_dataloader
-    workers = cfg.data.workers_per_gpu if loader_cfg.workers_per_gpu is None else loader_cfg.workers_per_gpu
-    loader = build_val_loader(dataset, loader_cfg.samples_per_gpu or 1, workers, acc.process_index,
-                              acc.num_processes, pin_memory=acc.device.type == "cuda")
+    split = check_split(cfg)
+    dataset, loader = build_eval_loader(cfg, split, acc)
     model = load_model(cfg, checkpoint).to(acc.device).eval()
-    test_cfg = cfg.model.test_cfg
-    if aug_test:  # MMSegmentation's --aug-test: six scales and flip unless the config names them
-        test_cfg = dataclasses.replace(test_cfg, img_ratios=test_cfg.img_ratios or list(DEFAULT_AUG_RATIOS),
-                                       flip=True)
-    inferencer = Inferencer(test_cfg, head.align_corners, acc.autocast, head.threshold)
-    overlays = Overlays(dataset, show_dir, opacity, head.ignore_index) if show_dir is not None else None
+    inferencer = build_inferencer(cfg, acc, aug_test)
+    overlays = Overlays(dataset, show_dir, opacity, cfg.ignore_index) if show_dir is not None else None
     logger.info("evaluating %s on data.%s (%d images, %d process(es)): %s%s", checkpoint, split, len(dataset),
-                acc.num_processes, test_cfg.mode,
+                acc.num_processes, inferencer.mode,
                 f", scales {inferencer.ratios}{' + flip' if inferencer.flip else ''}" if inferencer.augmented else "")
     start = time.perf_counter()
-    cm = collect_confusion(model, loader, len(cfg.classes), head.ignore_index, device=acc.device,
-                           show_progress=acc.is_main_process, inferencer=inferencer, on_batch=overlays)
-    if acc.num_processes > 1:
-        cm = acc.reduce(cm, reduction="sum")
+    cm, results = evaluate_model(acc, model, loader, list(cfg.classes), cfg.ignore_index, inferencer, metrics,
+                                 on_batch=overlays)
     seconds = time.perf_counter() - start
-    results = metrics_from_confusion(cm, metrics)
     if acc.is_main_process:
         summary = {k: v for k, v in results.items() if k != "per_class"}
-        logger.info("per-class results:\n%s", format_table(cfg.classes, results["per_class"]))
         logger.info("%s", "  ".join(f"{k}: {v:.2f}" for k, v in summary.items()))
         payload = {
             "metrics": summary,
             "per_class": {c: dict(zip(cfg.classes, v)) for c, v in results["per_class"].items()},
-            "classes": cfg.classes,
+            "classes": list(cfg.classes),
             "confusion_matrix": cm.cpu().tolist(),
             "checkpoint": str(checkpoint),
             "split": split,
-            "test_cfg": dataclasses.asdict(test_cfg),
+            "test_cfg": dataclasses.asdict(inferencer.test_cfg),
             "timings": {"seconds": seconds, "images": len(dataset), "seconds_per_image": seconds / max(len(dataset), 1),
                         "processes": acc.num_processes},
             "config": json.loads(json.dumps(raw_cfg.dict, default=str)),
@@ -194,7 +178,7 @@ def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metr
 
         out.parent.mkdir(parents=True, exist_ok=True)
         evaluate.save(str(out), **payload)
-        plots = save_plots(out, cfg.classes, cm, results)
+        plots = save_plots(out, list(cfg.classes), cm, results)
         logger.info("wrote %s, %s", out, ", ".join(str(p) for p in plots))
         if show_dir is not None:
             logger.info("overlays (prediction | ground truth) in %s", show_dir)

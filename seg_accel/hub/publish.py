@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from seg_accel.engine.trainer import CONFIG_FILE, EVAL_RESULTS, FINAL_DIR, RUN_INFO
+from seg_accel.engine.workdir import CONFIG_FILE, EVAL_RESULTS, FINAL_DIR, RUN_INFO
 from seg_accel.errors import ConfigError
 
 logger = logging.getLogger("seg_accel")
@@ -68,16 +68,15 @@ def resolve_source(path: Path, config: Path | None, scratch: Path) -> Source:
 
 def _export_checkpoint(checkpoint: Path, config: Path, out: Path) -> None:
     from seg_accel.config import load_config
-    from seg_accel.config.schema import validate_train_config
     from seg_accel.engine.checkpoint import load_weights
-    from seg_accel.models.builder import build_model
+    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.models import build_model, export_model
     from seg_accel.models.processor import build_image_processor
 
     cfg = validate_train_config(load_config(str(config)))
-    model = build_model(cfg.model, cfg.classes)
+    model = build_model(cfg.model, list(cfg.classes))
     load_weights(model, checkpoint, key="WORK_DIR_OR_CHECKPOINT")
-    model.save_pretrained(out)
-    build_image_processor(cfg.data).save_pretrained(out)
+    export_model(model, out, list(cfg.classes), build_image_processor(cfg.data))
     logger.info("exported %s (config %s) for the push", checkpoint, config)
 
 

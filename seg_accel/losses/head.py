@@ -1,6 +1,7 @@
 """Turn a head's logits into the named, summed losses of SPEC sections 5 and 6."""
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -40,6 +41,45 @@ def pixel_accuracy(logits_nchw: torch.Tensor, labels_nhw: torch.Tensor, ignore_i
     return correct.sum().float() * 100.0 / valid.sum().clamp_min(1).float()
 
 
+LOSS_SIGNATURE = "forward(logits_nchw, labels_nhw, ignore_index=255, pixel_weight_nhw=None)"
+
+
+def loss_keywords(loss: nn.Module, key: str) -> set[str]:
+    """Check a loss against the loss interface and return the optional keywords its forward
+    takes (``pixel_weight_nhw``: needed only under a pixel sampler).
+
+    A loss is an ``nn.Module`` with a ``loss_name`` (str) whose ``forward`` takes the logits
+    ``(N, C, H, W)`` (already resized to the labels) and the labels ``(N, H, W)`` positionally,
+    ``ignore_index`` by keyword, optionally ``pixel_weight_nhw`` (the sampler's 0/1 weights),
+    and returns a scalar tensor."""
+    name = type(loss).__name__
+    if not isinstance(getattr(loss, "loss_name", None), str):
+        raise ConfigError(f"loss {name} has no loss_name (a str attribute naming it in the logs, e.g. 'loss_ce'; "
+                          "losses named loss_* are trained on)", key=key)
+    try:
+        params = list(inspect.signature(loss.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {"ignore_index", "pixel_weight_nhw"}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var_positional = any(p.kind is p.VAR_POSITIONAL for p in params)
+    var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+    keywords = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    shown = f"{name}.forward{inspect.signature(loss.forward)}"
+    if len(positional) < 2 and not var_positional:
+        raise ConfigError(f"{shown} must take the logits and the labels: {LOSS_SIGNATURE}", key=key)
+    given = {"ignore_index", "pixel_weight_nhw"}
+    required = [p.name for p in positional[2:] if p.default is p.empty and p.name not in given]
+    required += [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty and p.name not in given]
+    if required:
+        raise ConfigError(f"{shown} requires {', '.join(required)}, which seg-accel does not pass: {LOSS_SIGNATURE}",
+                          key=key)
+    accepted = {k for k in given if k in keywords or var_keyword}
+    if "ignore_index" not in accepted:
+        raise ConfigError(f"{shown} does not take ignore_index (the label of unlabelled pixels, which it must "
+                          f"leave out): {LOSS_SIGNATURE}", key=key)
+    return accepted
+
+
 class HeadLosses(nn.Module):
     """The losses of one head (``decode`` or ``aux``) from its config section.
 
@@ -66,6 +106,9 @@ class HeadLosses(nn.Module):
         many = len(loss_cfgs) > 1 if many is None else many
         loss_key = join_key(key, "loss_decode")
         self.losses = nn.ModuleList()
+        self.keywords: list[set[str]] = []  # optional keywords each loss's forward takes
+        self.keys: list[str] = []  # each loss's config key
+        self.key = key
         for i, cfg in enumerate(loss_cfgs):
             item = join_key(loss_key, i) if many else loss_key
             loss = LOSSES.build(cfg, item)
@@ -76,7 +119,15 @@ class HeadLosses(nn.Module):
                     key=join_key(item, "class_weight"),
                 )
             self.losses.append(loss)
+            self.keywords.append(loss_keywords(loss, item))
+            self.keys.append(item)
         self.sampler = None if sampler is None else SAMPLERS.build(sampler, join_key(key, "sampler"))
+        if self.sampler is not None:
+            for item, keywords, loss in zip(self.keys, self.keywords, self.losses):
+                if "pixel_weight_nhw" not in keywords:
+                    raise ConfigError(f"{type(loss).__name__}.forward does not take pixel_weight_nhw, so the "
+                                      f"sampler ({sampler.get('type')}) cannot weight its pixels: {LOSS_SIGNATURE}",
+                                      key=item)
         if self.sampler is not None and getattr(self.sampler, "thresh", 0) is None:
             flat = [type(m).__name__ for m in self.losses if not hasattr(m, "pixel_loss")]
             if flat:
@@ -110,15 +161,41 @@ class HeadLosses(nn.Module):
             valid = (labels_nhw != self.ignore_index).sum().clamp_min(1)
             logs[f"{self.prefix}.ohem_kept"] = weight.sum() / valid
         named: dict[str, torch.Tensor] = {}
-        for loss_fn in self.losses:
+        for loss_fn, key in zip(self.losses, self.keys):
             name = f"{self.prefix}.{loss_fn.loss_name}"
-            value = loss_fn(logits, labels_nhw, pixel_weight_nhw=weight, ignore_index=self.ignore_index)
+            kwargs: dict[str, Any] = {"ignore_index": self.ignore_index}
+            if weight is not None:
+                kwargs["pixel_weight_nhw"] = weight
+            value = loss_fn(logits, labels_nhw, **kwargs)
+            if not (torch.is_tensor(value) and value.numel() == 1):
+                raise ConfigError(f"{type(loss_fn).__name__} returned {type(value).__name__}"
+                                  f"{tuple(value.shape) if torch.is_tensor(value) else ''}; a loss returns a scalar "
+                                  "tensor", key=key)
             named[name] = named[name] + value if name in named else value
         trained = [v for k, v in named.items() if k.split(".", 1)[1].startswith("loss_")]
         total = torch.stack(trained).sum() if trained else logits.sum() * 0.0
         logs.update({k: v.detach() for k, v in named.items()})
         logs[f"{self.prefix}.acc_seg"] = pixel_accuracy(logits, labels_nhw, self.ignore_index, self.threshold)
         return total, logs
+
+
+    def try_on_a_batch(self, channels: int) -> None:
+        """Run the losses on a small random batch (2 x channels x 8 x 8, some pixels ignored):
+        a loss that fails or returns something else than a scalar is a config error now,
+        not at the first training step."""
+        generator = torch.Generator().manual_seed(0)
+        logits = torch.randn(2, channels, 8, 8, generator=generator, requires_grad=True)
+        labels = torch.randint(0, max(channels, 2), (2, 8, 8), generator=generator)
+        labels[:, 0] = self.ignore_index
+        try:
+            total, _ = self(logits, labels)
+            total.backward()
+        except ConfigError:
+            raise
+        except Exception as exc:  # the user's code: say which loss and what it raised
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ConfigError(f"the losses fail on a small batch (logits {tuple(logits.shape)}, labels "
+                              f"{tuple(labels.shape)}): {type(exc).__name__}: {message}", key=self.key) from exc
 
 
 def build_head_losses(head_cfg: Any, num_classes: int, prefix: str, key: str) -> HeadLosses:

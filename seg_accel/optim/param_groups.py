@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from seg_accel.config.schema import OPTIMIZER_OWN_KEYS
 from seg_accel.config.types import join_key, parse_section
 from seg_accel.errors import ConfigError
 from seg_accel.registry import OPTIMIZER_CONSTRUCTORS, OPTIMIZERS
@@ -343,36 +344,33 @@ class LayerDecayOptimizerConstructor(LearningRateDecayOptimizerConstructor):
 
 
 # --------------------------------------------------------------------------- building
-OPTIMIZER_OWN_KEYS = ("constructor", "paramwise_cfg")
 
 
-class OptimizerSpec:
-    """Checks the ``optimizer`` section: the constructor, its ``paramwise_cfg``, then the
-    optimizer's own kwargs against its signature."""
+def check_optimizer_config(value: Any, key: str = "optimizer") -> None:
+    """The ``optimizer`` section: the constructor, its ``paramwise_cfg``, then the optimizer's
+    own kwargs against its signature."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"expected an optimizer mapping ({{type: ..., lr: ...}}), got {value!r}", key=key)
+    constructor = OPTIMIZER_CONSTRUCTORS.get(
+        value.get("constructor", "DefaultOptimizerConstructor"), join_key(key, "constructor")
+    )
+    checker = getattr(constructor, "check_paramwise", None)
+    if checker is not None:
+        checker(value.get("paramwise_cfg"), value, join_key(key, "paramwise_cfg"))
+    elif value.get("paramwise_cfg") is not None and not isinstance(value["paramwise_cfg"], dict):
+        raise ConfigError("expected a mapping", key=join_key(key, "paramwise_cfg"))
+    OPTIMIZERS.check(optimizer_kwargs(value), key)
 
-    def describe(self) -> str:
-        return "an optimizer mapping ({type: ..., lr: ...})"
 
-    def check(self, value: Any, key: str | None) -> None:
-        key = key or "optimizer"
-        if not isinstance(value, dict):
-            raise ConfigError(f"expected {self.describe()}, got {value!r}", key=key)
-        constructor = OPTIMIZER_CONSTRUCTORS.get(
-            value.get("constructor", "DefaultOptimizerConstructor"), join_key(key, "constructor")
-        )
-        checker = getattr(constructor, "check_paramwise", None)
-        if checker is not None:
-            checker(value.get("paramwise_cfg"), value, join_key(key, "paramwise_cfg"))
-        elif value.get("paramwise_cfg") is not None and not isinstance(value["paramwise_cfg"], dict):
-            raise ConfigError("expected a mapping", key=join_key(key, "paramwise_cfg"))
-        OPTIMIZERS.check({k: v for k, v in value.items() if k not in OPTIMIZER_OWN_KEYS}, key)
+def optimizer_kwargs(optimizer_cfg: dict) -> dict:
+    """The optimizer's own ``{type, kwargs}`` (without the constructor's keys)."""
+    return {k: v for k, v in optimizer_cfg.items() if k not in OPTIMIZER_OWN_KEYS}
 
 
 def build_constructor(optimizer_cfg: dict) -> Any:
     name = optimizer_cfg.get("constructor", "DefaultOptimizerConstructor")
     constructor_cls = OPTIMIZER_CONSTRUCTORS.get(name, "optimizer.constructor")
-    cfg = {k: v for k, v in optimizer_cfg.items() if k not in OPTIMIZER_OWN_KEYS}
-    return constructor_cls(cfg, optimizer_cfg.get("paramwise_cfg"))
+    return constructor_cls(optimizer_kwargs(optimizer_cfg), optimizer_cfg.get("paramwise_cfg"))
 
 
 def build_optimizer(model: nn.Module, optimizer_cfg: dict) -> torch.optim.Optimizer:

@@ -204,19 +204,14 @@ def split_lr_config(lr_cfg: dict, key: str = "lr_config") -> tuple[dict, WarmupC
     return {k: v for k, v in lr_cfg.items() if k not in WARMUP_KEYS}, warmup
 
 
-class LrConfigSpec:
-    """Checks ``lr_config``: the warmup keys, then the policy and its own options."""
-
-    def describe(self) -> str:
-        return "an lr schedule mapping ({policy: ..., warmup: ...})"
-
-    def check(self, value: Any, key: str | None) -> None:
-        if value is None:
-            return
-        if not isinstance(value, dict):
-            raise ConfigError(f"expected {self.describe()}, got {value!r}", key=key)
-        policy_cfg, _ = split_lr_config(value, key or "lr_config")
-        LR_POLICIES.check(policy_cfg, key)
+def check_lr_config(value: Any, key: str = "lr_config") -> None:
+    """``lr_config``: the warmup keys, then the policy and its own options."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(f"expected an lr schedule mapping ({{policy: ..., warmup: ...}}), got {value!r}", key=key)
+    policy_cfg, _ = split_lr_config(value, key)
+    LR_POLICIES.check(policy_cfg, key)
 
 
 # --------------------------------------------------------------------------- schedulers

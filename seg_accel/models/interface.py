@@ -1,0 +1,125 @@
+"""The model interface: what seg-accel needs from a segmentation network, and the adapters
+("families") that give it for each kind of model.
+
+Every trainable model is an ``nn.Module`` whose ``forward`` takes ``pixel_values``
+``(N, 3, H, W)`` as its first argument and returns per-class logits ``(N, C, h, w)`` at
+some stride (``h = H / s``): a tensor, or ``{"logits": ..., "aux_logits": ...}`` (also a
+tuple ``(logits, aux_logits)`` or an object with those attributes, as transformers
+returns) when it has an auxiliary head. Its parameter names are what ``paramwise_cfg``
+matches. A ``ModelFamily`` knows how to build such a model from the ``model`` section,
+what the config may hold, how to export it to a folder and load it back in one call,
+and family details (auxiliary outputs, unused parameters under DDP, the backbone that
+``backbone_pretrained`` fills).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from seg_accel.config.schema import ModelConfig
+
+EXPORT_CONFIG = "config.json"
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class SegOutput:
+    """A forward pass: per-class logits ``(N, C, h, w)`` and the auxiliary head's, if any."""
+
+    logits: torch.Tensor
+    aux_logits: torch.Tensor | None = None
+
+
+def as_seg_output(raw: Any) -> SegOutput:
+    """Read what a model's ``forward`` returned (tensor, mapping, tuple or output object)."""
+    if isinstance(raw, SegOutput):
+        return raw
+    if torch.is_tensor(raw):
+        return SegOutput(raw)
+    if isinstance(raw, Mapping) and "logits" in raw:
+        return SegOutput(raw["logits"], raw.get("aux_logits"))
+    if hasattr(raw, "logits") and torch.is_tensor(raw.logits):  # transformers' ModelOutput
+        return SegOutput(raw.logits, getattr(raw, "aux_logits", None))
+    if isinstance(raw, (tuple, list)) and raw and torch.is_tensor(raw[0]):
+        return SegOutput(raw[0], raw[1] if len(raw) > 1 and torch.is_tensor(raw[1]) else None)
+    raise TypeError(
+        f"the model's forward returned {type(raw).__name__}; seg-accel needs the logits (N, C, h, w): a tensor, "
+        "{'logits': ..., 'aux_logits': ...} or (logits, aux_logits)")
+
+
+def segmentation_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Logits ``(N, C, h, w)`` of any seg-accel model (wrapped by DDP or not)."""
+    return as_seg_output(model(pixel_values)).logits
+
+
+def label_maps(classes: list[str], outputs: int) -> tuple[dict[int, str], dict[str, int]]:
+    """One label per output channel; a 1-channel binary head's channel is the second class."""
+    names = classes if outputs == len(classes) else classes[1:]
+    id2label = {i: name for i, name in enumerate(names)}
+    return id2label, {name: i for i, name in id2label.items()}
+
+
+class ModelFamily:
+    """How seg-accel builds, runs, exports and reloads one kind of model. Subclasses override
+    what differs; the defaults suit a model that follows the interface by itself."""
+
+    name = "model"
+
+    # -- config ---------------------------------------------------------------------------
+    def check(self, model_cfg: ModelConfig, classes: list[str], key: str) -> None:
+        """Validation of the ``model`` section against this family and the data (no weights)."""
+
+    def build(self, model_cfg: ModelConfig, classes: list[str], key: str) -> nn.Module:
+        raise NotImplementedError
+
+    def build_empty(self, model_cfg: ModelConfig, classes: list[str], key: str) -> nn.Module | None:
+        """The architecture on the meta device (names, shapes, module types; no memory), or
+        None when it cannot be known without downloading."""
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            return self.build(model_cfg, classes, key)
+
+    def has_auxiliary_head(self, model_cfg: ModelConfig) -> bool | None:
+        """Whether the configured model has an auxiliary head (None: unknown before building)."""
+        return None
+
+    # -- training -------------------------------------------------------------------------
+    def forward_fn(self, model: nn.Module, auxiliary: bool) -> Callable[[nn.Module, torch.Tensor], SegOutput]:
+        """``f(model_or_its_ddp_wrapper, pixel_values) -> SegOutput`` for training; ``model`` is
+        the unwrapped module (hooks go there). With ``auxiliary`` the output must hold the
+        auxiliary logits."""
+
+        def forward(wrapped: nn.Module, pixel_values: torch.Tensor) -> SegOutput:
+            out = as_seg_output(wrapped(pixel_values))
+            if auxiliary and out.aux_logits is None:
+                raise RuntimeError(f"{type(model).__name__}.forward returned no aux_logits, but model.auxiliary_head "
+                                   "configures losses for them: return {'logits': ..., 'aux_logits': ...}")
+            return out
+
+        return forward
+
+    def needs_unused_parameter_search(self, model: nn.Module, aux_trained: bool) -> bool:
+        """Whether DDP must look for parameters without gradients (``find_unused_parameters``)."""
+        return False
+
+    def backbone(self, model: nn.Module) -> tuple[str, nn.Module] | None:
+        """``(attribute, module)`` that ``backbone_pretrained`` fills, if the family has one."""
+        backbone = getattr(model, "backbone", None)
+        return ("backbone", backbone) if isinstance(backbone, nn.Module) else None
+
+    # -- export ---------------------------------------------------------------------------
+    def export(self, model: nn.Module, folder: Path, classes: list[str],
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the weights and what is needed to rebuild the model into ``folder``."""
+        raise NotImplementedError
+
+    def usage(self, repo_or_folder: str) -> list[str]:
+        """Python lines that load the export (for model cards and docs)."""
+        return ["import seg_accel", "", f'model = seg_accel.load_model("{repo_or_folder}").eval()']

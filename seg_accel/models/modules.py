@@ -1,0 +1,142 @@
+"""Any ``nn.Module`` registered in ``MODELS`` (or named by a dotted import path) as a seg-accel model.
+
+The class takes ``num_classes`` (filled from the data) and its own options, written
+directly under ``model`` (``model: {type: TinyNet, width: 16}``), checked against its
+``__init__`` signature and annotations like every other component. Its ``forward`` takes
+``pixel_values`` and returns the logits, or ``{"logits": ..., "aux_logits": ...}`` with an
+auxiliary head. The export is ``model.safetensors`` plus a ``config.json`` naming the class
+and its options, so ``seg_accel.load_model(folder)`` rebuilds it wherever the class can
+be imported.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from seg_accel import __version__
+from seg_accel.errors import ConfigError
+from seg_accel.models.interface import EXPORT_CONFIG, EXPORT_WEIGHTS, ModelFamily, label_maps
+
+if TYPE_CHECKING:
+    from seg_accel.config.schema import ModelConfig
+
+logger = logging.getLogger("seg_accel")
+
+EXPORT_KEY = "seg_accel_model"  # the config.json entry that marks a seg-accel module export
+
+
+def import_path(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def import_object(path: str) -> Any:
+    module_name, _, name = path.rpartition(".")
+    obj: Any = importlib.import_module(module_name)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class ModuleFamily(ModelFamily):
+    """A registered ``nn.Module`` class (or a function returning one) taking ``num_classes``."""
+
+    name = "module"
+
+    def __init__(self, model_cls: Any, type_name: str):
+        self.model_cls, self.type_name = model_cls, type_name
+
+    def check(self, model_cfg: ModelConfig, classes: list[str], key: str) -> None:
+        from seg_accel.registry import MODELS
+
+        name = getattr(self.model_cls, "__name__", self.type_name)
+        if model_cfg.config:
+            raise ConfigError(f"model.config holds transformers config options; {name} takes its options directly "
+                              f"under {key} ({key}: {{type: {self.type_name}, <option>: ...}})", key=f"{key}.config")
+        if model_cfg.pretrained is not None:
+            raise ConfigError(f"pretrained loads transformers checkpoints; for {name} start from saved weights with "
+                              "load_from (a seg-accel export or checkpoint)", key=f"{key}.pretrained")
+        params = inspect.signature(self.model_cls).parameters
+        if "num_classes" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise ConfigError(f"{name} must take num_classes (seg-accel passes the number of output channels): "
+                              f"def __init__(self, num_classes: int, ...)", key=f"{key}.type")
+        MODELS.check({"type": self.type_name, **model_cfg.options}, key)
+
+    def _outputs(self, model_cfg: ModelConfig, classes: list[str]) -> int:
+        return model_cfg.decode_head.out_channels or len(classes)
+
+    def build(self, model_cfg: ModelConfig, classes: list[str], key: str) -> nn.Module:
+        try:
+            model = self.model_cls(num_classes=self._outputs(model_cfg, classes), **model_cfg.options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"cannot build {self.type_name}: {exc}", key=key) from exc
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"{self.type_name} returned {type(model).__name__}, not a torch.nn.Module", key=f"{key}.type")
+        # what the export needs to build it again
+        model.seg_accel_spec = {"import_path": import_path(self.model_cls), "type": self.type_name,
+                                "options": dict(model_cfg.options)}
+        return model
+
+    def has_auxiliary_head(self, model_cfg: ModelConfig) -> bool | None:
+        return None  # known from the forward's output only
+
+    def export(self, model: nn.Module, folder: Path, classes: list[str],
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        from safetensors.torch import save_file
+
+        spec = getattr(model, "seg_accel_spec", None)
+        if spec is None:
+            raise ValueError(f"{type(model).__name__} was not built by seg-accel (no seg_accel_spec): cannot export")
+        if spec["import_path"].startswith("__main__."):
+            logger.warning("%s is defined in __main__: the export loads only where that script's class is importable",
+                           spec["type"])
+        folder.mkdir(parents=True, exist_ok=True)
+        state = state_dict if state_dict is not None else model.state_dict()
+        save_file(_unshared(state), str(folder / EXPORT_WEIGHTS), metadata={"format": "pt"})
+        outputs = _output_count(model, classes)
+        id2label, label2id = label_maps(list(classes), outputs)
+        config = {EXPORT_KEY: spec, "num_classes": outputs, "id2label": {str(k): v for k, v in id2label.items()},
+                  "label2id": label2id, "seg_accel_version": __version__}
+        (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+
+    def usage(self, repo_or_folder: str) -> list[str]:
+        spec_note = "# the model's class must be importable (its module on the Python path)"
+        return ["import seg_accel", "", spec_note, f'model = seg_accel.load_model("{repo_or_folder}").eval()']
+
+
+def _output_count(model: nn.Module, classes: list[str]) -> int:
+    return int(getattr(model, "num_classes", 0) or len(classes))
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): copy the later ones."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else (0, id(tensor))
+        out[name] = tensor.clone().contiguous() if where in seen else tensor.contiguous()
+        seen.add(where)
+    return out
+
+
+def load_module_export(folder: Path, config: dict) -> nn.Module:
+    """Rebuild a module export: import its class, construct it, load its weights (all must match)."""
+    from safetensors.torch import load_file
+
+    spec = config[EXPORT_KEY]
+    try:
+        model_cls = import_object(spec["import_path"])
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"the export in {folder} is a {spec['type']} ({spec['import_path']}), which cannot be "
+                          f"imported here: {exc}. Put its module on the Python path") from exc
+    model = model_cls(num_classes=config["num_classes"], **spec.get("options", {}))
+    model.seg_accel_spec = dict(spec)
+    model.load_state_dict(load_file(str(folder / EXPORT_WEIGHTS)), strict=True)
+    return model
