@@ -21,7 +21,7 @@ IGNORE = 255
 
 
 def full_sort_reference(logits, labels, thresh, min_kept, pixel_losses):
-    """SPEC section 6 done the obvious way: sort everything."""
+    """docs/behaviour.md section 6 done the obvious way: sort everything."""
     valid = labels != IGNORE
     kept = min_kept * labels.shape[0]
     weight = torch.zeros(labels.shape)

@@ -115,3 +115,33 @@ def fresh_accelerate():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def make_trainer(tmp_path: Path, cfg_dict: dict, options: tuple = ()) -> tuple[Any, Any]:
+    """A Trainer (in this process) for ``cfg_dict`` written to ``tmp_path/exp.yaml``, work dir ``tmp_path/work``."""
+    from seg_accel.config import load_config
+    from seg_accel.engine import Trainer
+    from seg_accel.engine.validate import validate_train_config
+
+    path = write_yaml(tmp_path / "exp.yaml", cfg_dict)
+    cfg = load_config(path, list(options))
+    work_dir = tmp_path / "work"
+    cfg.dict["work_dir"] = str(work_dir)
+    return Trainer(validate_train_config(cfg), cfg, work_dir), cfg
+
+
+def json_log(work_dir: Path) -> list[dict]:
+    """The records of a run's (first) JSON log."""
+    import json
+
+    path = next(iter(sorted(work_dir.glob("*.log.json"))))
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+SCHEDULED = dict(
+    optimizer={"type": "AdamW", "lr": 0.002, "betas": [0.9, 0.999], "weight_decay": 0.01},
+    lr_config={"policy": "poly", "power": 1.0, "min_lr": 1e-5, "warmup": "linear", "warmup_iters": 3,
+               "warmup_ratio": 0.1},
+    momentum_config={"policy": "cyclic", "cyclic_times": 2},
+    log_config={"interval": 1},
+)

@@ -21,6 +21,8 @@ import yaml
 from seg_accel.errors import ConfigError
 
 BASE_KEY = "_base_"
+PACKAGE_PREFIX = "seg_accel::"  # `_base_: seg_accel::_base_/models/segformer_tiny.yaml`: a config shipped with seg-accel
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DELETE_KEY = "_delete_"
 CFG_OPTIONS = "--cfg-options"
 
@@ -177,7 +179,10 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[str, str
     origins: dict[str, str] = {}
     base_of_key: dict[str, str] = {}
     for base in bases:
-        base_path = (path.parent / base).resolve()
+        if base.startswith(PACKAGE_PREFIX):
+            base_path = (PACKAGED_CONFIGS / base[len(PACKAGE_PREFIX):]).resolve()
+        else:
+            base_path = (path.parent / base).resolve()
         if base_path in stack or base_path == path:
             chain = " -> ".join(str(p) for p in (*stack, path, base_path))
             raise ConfigError(f"_base_ cycle: {chain}", key=BASE_KEY, file=file)
@@ -214,9 +219,9 @@ def _split_top_level(text: str, option: str) -> list[str]:
                 quote = None
         elif ch in "'\"":
             quote = ch
-        elif ch in "[(":
+        elif ch in "[({":
             depth += 1
-        elif ch in "])":
+        elif ch in "])}":
             depth -= 1
             if depth < 0:
                 raise ConfigError(f"unbalanced brackets in '{option}'", key=CFG_OPTIONS)
@@ -251,9 +256,22 @@ def _parse_atom(text: str) -> Any:
 
 
 def parse_option_value(text: str, option: str = "") -> Any:
-    """'1' -> 1, '1e-4' -> 1e-4, 'true' -> True, 'null' -> None, '[1,(2,3)]' -> [1, [2, 3]], 'a,b' -> ['a', 'b']."""
+    """'1' -> 1, '1e-4' -> 1e-4, 'true' -> True, 'null' -> None, '[1,(2,3)]' -> [1, [2, 3]], 'a,b' -> ['a', 'b'],
+    and YAML flow mappings: '{type: DiceLoss, loss_weight: 3}' (also inside lists)."""
     option = option or text
     text = text.strip()
+    if text[:1] == "{":
+        if text[-1:] != "}":
+            raise ConfigError(f"malformed mapping in '{option}': '{text}' does not end with '}}'", key=CFG_OPTIONS)
+        _split_top_level(text, option)  # balance check
+        try:
+            value = yaml.load(text, Loader=_StrictLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"malformed mapping in '{option}': {getattr(exc, 'problem', None) or exc}",
+                              key=CFG_OPTIONS) from exc
+        if not isinstance(value, dict):
+            raise ConfigError(f"malformed mapping in '{option}': '{text}'", key=CFG_OPTIONS)
+        return value
     if text[:1] in "[(":
         close = "]" if text[0] == "[" else ")"
         if text[-1:] != close:
@@ -263,7 +281,7 @@ def parse_option_value(text: str, option: str = "") -> Any:
             return []
         _split_top_level(text, option)  # balance check of the whole value
         return [parse_option_value(p, option) for p in _split_top_level(inner, option) if p.strip() != ""]
-    if text[:1] in "])":
+    if text[:1] in "])}":
         raise ConfigError(f"unbalanced brackets in '{option}'", key=CFG_OPTIONS)
     parts = _split_top_level(text, option)
     if len(parts) > 1:
@@ -287,7 +305,7 @@ def parse_cfg_options(options: list[str] | None) -> list[tuple[str, Any]]:
     return parsed
 
 
-def apply_option(cfg: dict, key: str, value: Any, origins: dict[str, str]) -> None:
+def apply_option(cfg: dict, key: str, value: Any, origins: dict[str, str], origin: str = CFG_OPTIONS) -> None:
     parts = key.split(".")
     node: Any = cfg
     walked: list[str] = []
@@ -310,7 +328,7 @@ def apply_option(cfg: dict, key: str, value: Any, origins: dict[str, str]) -> No
             else:
                 if part not in node or node[part] is None:
                     node[part] = {}
-                    origins[".".join([*walked, part])] = CFG_OPTIONS  # a mapping the option created
+                    origins[".".join([*walked, part])] = origin  # a mapping the option created
                 node = node[part]
         else:
             raise ConfigError(
@@ -319,7 +337,7 @@ def apply_option(cfg: dict, key: str, value: Any, origins: dict[str, str]) -> No
             )
         walked.append(part)
     _forget(key, origins)
-    _record(value, key, CFG_OPTIONS, origins)
+    _record(value, key, origin, origins)
 
 
 # --------------------------------------------------------------------------- custom_imports
@@ -369,8 +387,11 @@ def import_custom_modules(cfg: Config) -> list[str]:
 
 
 # --------------------------------------------------------------------------- entry point
-def load_config(path: str | os.PathLike, cfg_options: list[str] | None = None) -> Config:
-    """Read ``path`` with its bases, apply ``--cfg-options`` and run ``custom_imports``."""
+def load_config(path: str | os.PathLike, cfg_options: list[str] | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Read ``path`` with its bases, apply ``--cfg-options``, then ``overrides`` (typed values
+    of top-level keys set by command-line flags such as ``--load-from``), and run
+    ``custom_imports``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -381,6 +402,8 @@ def load_config(path: str | os.PathLike, cfg_options: list[str] | None = None) -
     data = copy.deepcopy(data)
     for key, value in options:
         apply_option(data, key, value, origins)
+    for key, value in (overrides or {}).items():
+        apply_option(data, key, value, origins, origin="--" + key.replace("_", "-"))
     cfg = Config(dict=data, filename=str(path.resolve()), origins=origins)
     import_custom_modules(cfg)
     return cfg

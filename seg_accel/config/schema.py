@@ -82,7 +82,7 @@ class DecodeHeadConfig(HeadConfig):
 
 @dataclass(frozen=True)
 class TestConfig:
-    """``model.test_cfg``: how evaluation runs the model (docs/behaviour.md, "Inference"):
+    """``model.test_cfg``: how evaluation runs the model (docs/behaviour.md section 9):
     ``whole`` images or ``slide`` windows of ``crop_size`` every ``stride`` pixels ([h, w]);
     ``img_ratios`` and ``flip`` average the softmax probabilities over rescaled and flipped
     inputs."""

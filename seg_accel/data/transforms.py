@@ -1,4 +1,4 @@
-"""Pipeline transforms with MMSegmentation names and semantics (SPEC section 10).
+"""Pipeline transforms with MMSegmentation names and semantics (docs/behaviour.md section 10).
 
 A transform is a callable ``t(results, rng) -> results``. ``results`` holds
 ``img`` (float32 tensor ``(3, H, W)``, RGB, 0-255 until ``Normalize``) and

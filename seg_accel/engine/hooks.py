@@ -1,4 +1,4 @@
-"""Hooks: code the loop calls at fixed points, in priority order (docs/behaviour.md, "Hooks").
+"""Hooks: code the loop calls at fixed points, in priority order (docs/behaviour.md section 7).
 
 A hook subclasses ``Hook`` and overrides any of the ten points; lower priority runs first,
 ties keep the order of registration. ``custom_hooks: [{type: MyHook, priority: NORMAL,

@@ -1,4 +1,4 @@
-"""Inference for evaluation (SPEC section 9): whole image or sliding window, and multi-scale +
+"""Inference for evaluation (docs/behaviour.md section 9): whole image or sliding window, and multi-scale +
 flip test-time augmentation; scores are returned at the original label resolution."""
 from __future__ import annotations
 

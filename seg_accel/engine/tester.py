@@ -2,7 +2,7 @@
 
 Each process takes its shard of the dataset (no padding, so no sample is counted twice),
 accumulates a confusion matrix on its device and the matrices are summed once; every
-metric comes from the sum (SPEC section 8), identical for any number of processes.
+metric comes from the sum (docs/behaviour.md section 8), identical for any number of processes.
 """
 from __future__ import annotations
 
@@ -139,6 +139,33 @@ def save_plots(out: Path, classes: list[str], cm: torch.Tensor, results: dict[st
     return [confusion_png, iou_png]
 
 
+def save_results(out: Path, payload: dict[str, Any]) -> None:
+    """The results JSON with the metadata ``evaluate.save`` writes (time, versions, interpreter,
+    git commit when run inside a git checkout), written atomically. Our own writer: ``evaluate.save``
+    runs ``git`` wherever it is and lets it print "fatal: not a git repository"."""
+    import datetime
+    import importlib.metadata
+    import platform
+    import subprocess
+    import sys
+
+    from seg_accel.engine.workdir import write_text_atomic
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        git_hash = commit.stdout.strip() if commit.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        git_hash = None
+    try:
+        evaluate_version = importlib.metadata.version("evaluate")
+    except importlib.metadata.PackageNotFoundError:
+        evaluate_version = None
+    meta = {"_timestamp": datetime.datetime.now().isoformat(), "_git_commit_hash": git_hash,
+            "_evaluate_version": evaluate_version, "_python_version": platform.python_version(),
+            "_interpreter_path": sys.executable}
+    write_text_atomic(out, json.dumps({**payload, **meta}, indent=2, default=str))
+
+
 def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metrics: list[str], aug_test: bool,
                         out: Path, show_dir: Path | None = None, opacity: float = 0.5) -> dict[str, Any]:
     """Score ``checkpoint``; print the table; write ``out`` (JSON) and its two PNGs (main process)."""
@@ -174,10 +201,8 @@ def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metr
                         "processes": acc.num_processes},
             "config": json.loads(json.dumps(raw_cfg.dict, default=str)),
         }
-        import evaluate
-
         out.parent.mkdir(parents=True, exist_ok=True)
-        evaluate.save(str(out), **payload)
+        save_results(out, payload)
         plots = save_plots(out, list(cfg.classes), cm, results)
         logger.info("wrote %s, %s", out, ", ".join(str(p) for p in plots))
         if show_dir is not None:

@@ -1,4 +1,4 @@
-"""Cross-entropy loss with MMSegmentation's options (SPEC section 5)."""
+"""Cross-entropy loss with MMSegmentation's options (docs/behaviour.md section 5)."""
 from __future__ import annotations
 
 from typing import Literal

@@ -1,4 +1,4 @@
-"""Dice loss (SPEC section 5), with ignored pixels masked everywhere."""
+"""Dice loss (docs/behaviour.md section 5), with ignored pixels masked everywhere."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Turn a head's logits into the named, summed losses of SPEC sections 5 and 6."""
+"""Turn a head's logits into the named, summed losses of docs/behaviour.md sections 5 and 6."""
 from __future__ import annotations
 
 import inspect

@@ -1,4 +1,4 @@
-"""Online hard example mining: which pixels the losses see (SPEC section 6)."""
+"""Online hard example mining: which pixels the losses see (docs/behaviour.md section 6)."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,4 +1,4 @@
-"""Dataset-level segmentation metrics from a confusion matrix (SPEC section 8).
+"""Dataset-level segmentation metrics from a confusion matrix (docs/behaviour.md section 8).
 
 Each process accumulates a ``C x C`` matrix of ``bincount(C * label + pred)`` on
 its device; the matrices are summed across processes once, and every metric is

@@ -6,7 +6,7 @@
     metric.compute(predictions=[...], references=[...], num_labels=19, ignore_index=255)
 
 The numbers are those of ``seg_accel.metrics.metrics_from_confusion`` (dataset-level
-areas, SPEC section 8): ``aAcc``, ``mIoU``, ``mAcc`` (plus ``mDice``, ``mFscore``,
+areas, docs/behaviour.md section 8): ``aAcc``, ``mIoU``, ``mAcc`` (plus ``mDice``, ``mFscore``,
 ``mPrecision``, ``mRecall`` with ``metrics=[...]``) in %, and the per-class columns.
 """
 from __future__ import annotations

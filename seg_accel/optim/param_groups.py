@@ -1,4 +1,4 @@
-"""Optimizer constructors: parameter groups from ``optimizer.paramwise_cfg`` (SPEC section 2).
+"""Optimizer constructors: parameter groups from ``optimizer.paramwise_cfg`` (docs/behaviour.md section 2).
 
 A constructor is built as ``Constructor(optimizer_cfg, paramwise_cfg)`` and called
 with the model; it returns the optimizer. Ours decide lr and weight decay per

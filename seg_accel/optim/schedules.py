@@ -1,4 +1,4 @@
-"""Learning-rate and momentum schedules (``lr_config``, ``momentum_config``), SPEC section 3.
+"""Learning-rate and momentum schedules (``lr_config``, ``momentum_config``), docs/behaviour.md section 3.
 
 A policy gives ``value(b, i)``: the lr (or momentum) of a parameter group whose
 initial value is ``b`` at optimizer step ``i`` (0-based; ``T = runner.max_iters``).
@@ -8,7 +8,7 @@ Warmup multiplies the policy's value for ``i < warmup_iters`` (mmcv semantics).
 Why not torch.optim.lr_scheduler: its chainable schedulers accumulate rounding,
 cannot express mmcv's warmup-times-decay, ``min_lr`` clamps, per-group
 ``min_lr_ratio`` or mmcv's cyclic phases, and it has no momentum schedules; the
-closed forms here match the SPEC exactly for every group.
+closed forms here match docs/behaviour.md section 3 exactly for every group.
 """
 from __future__ import annotations
 

@@ -1,0 +1,61 @@
+"""The ``seg-accel`` command (also ``python -m seg_accel``) and the functions behind ``scripts/*.py``."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from seg_accel.cli.common import is_peer_failure as _is_peer_failure  # noqa: F401 (tests use it)
+from seg_accel.cli.common import run_cli
+from seg_accel.cli.evaluate import evaluate_cli
+from seg_accel.cli.tools import (
+    class_weights_cli,
+    list_configs_cli,
+    print_config_cli,
+    print_param_groups_cli,
+    push_to_hub_cli,
+)
+from seg_accel.cli.train import train_cli
+
+COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
+    "train": (train_cli, "train from a YAML config (here, or on several processes with --num-processes)"),
+    "evaluate": (evaluate_cli, "score a work dir, checkpoint, export or Hub model on data.test/data.val"),
+    "push": (push_to_hub_cli, "publish a work dir, checkpoint or export to the Hugging Face Hub"),
+    "print-config": (print_config_cli, "print the resolved config (after _base_, _delete_, --cfg-options)"),
+    "param-groups": (print_param_groups_cli, "print the optimizer's parameter groups of a config"),
+    "class-weights": (class_weights_cli, "count pixels per class and write class weights"),
+    "list-configs": (list_configs_cli, "list the configs shipped with seg-accel"),
+}
+
+
+def usage() -> str:
+    from seg_accel import __version__
+
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"seg-accel {__version__}: semantic segmentation on Hugging Face Accelerate", "",
+             "usage: seg-accel COMMAND [options]   (seg-accel COMMAND --help for a command's options)", "",
+             "commands:"]
+    lines += [f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from seg_accel import __version__
+
+        print(f"seg-accel {__version__}")
+        return 0
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        from seg_accel.errors import did_you_mean
+
+        print(f"error: unknown command '{argv[0]}'." + did_you_mean(argv[0], COMMANDS), file=sys.stderr)
+        return 2
+    return command[0](argv[1:], prog=f"seg-accel {argv[0]}")
+
+
+__all__ = ["class_weights_cli", "evaluate_cli", "list_configs_cli", "main", "print_config_cli",
+           "print_param_groups_cli", "push_to_hub_cli", "run_cli", "train_cli"]

@@ -1,0 +1,142 @@
+"""What every command shares: config arguments, packaged configs, one-line errors, exit codes.
+
+Config mistakes print one ``error: <file>: <key>: <message>`` line on stderr and exit
+with code 2 (a traceback only with ``--debug``); data and training errors exit with 1;
+Ctrl-C exits with 130 after one line saying where the last checkpoint is.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from seg_accel.errors import ConfigError, DataError, TrainingError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the configs shipped with the package
+INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
+
+
+def is_main_process() -> bool:
+    """Before any process group exists: rank from the launcher's environment."""
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def where() -> str:
+    """``process R of N: `` in a multi-process run (which process an error comes from)."""
+    return f"process {os.environ.get('RANK', '0')} of {world_size()}: " if world_size() > 1 else ""
+
+
+def packaged_configs() -> list[str]:
+    """Names of the training configs shipped with seg-accel (``demo/segformer_synthetic``, ...)."""
+    if not CONFIGS.is_dir():
+        return []
+    return sorted(str(p.relative_to(CONFIGS).with_suffix("")) for p in CONFIGS.rglob("*.yaml")
+                  if p.relative_to(CONFIGS).parts[0] not in ("_base_", "accelerate"))
+
+
+def resolve_config(text: str) -> str:
+    """A config file: the path as given, else a packaged config by name (``demo/segformer_synthetic``,
+    with or without ``.yaml`` or a leading ``configs/``), so that the shipped configs work from
+    any directory after a plain ``pip install``."""
+    if Path(text).is_file() or not CONFIGS.is_dir():
+        return text
+    name = text[len("configs/"):] if text.startswith("configs/") else text
+    for candidate in (CONFIGS / name, CONFIGS / f"{name}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    return text  # the loader says it is missing
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("config", help="YAML config file, or the name of a packaged config (seg-accel list-configs)")
+    add_option_arguments(parser)
+    return parser
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cfg-options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. optimizer.lr=0.01 data.train.pipeline.1.prob=0.5 a=[1,2] "
+             "'model.decode_head.loss_decode=[{type: CrossEntropyLoss}, {type: DiceLoss}]'",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def config_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    return add_config_arguments(argparse.ArgumentParser(prog=prog, description=description))
+
+
+def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
+            argv: Sequence[str] | None = None, on_interrupt: Callable[[argparse.Namespace], str] | None = None) -> int:
+    """Run a command: its own errors as one line with their exit code, Ctrl-C as one line and 130."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        args.config_arg, args.config = args.config, resolve_config(args.config)  # as typed, and the file
+    try:
+        return main(args) or 0
+    except ConfigError as exc:
+        if args.debug:
+            raise
+        if is_main_process():
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (DataError, TrainingError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {where()}{exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        if is_main_process():
+            print(on_interrupt(args) if on_interrupt else "interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as exc:
+        if args.debug or world_size() <= 1:
+            raise
+        return process_failed(exc)
+
+
+# What a collective operation raises when another process died or stopped answering
+# (gloo, NCCL, the TCP store): a consequence, not the cause.
+_PEER_FAILURE_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                         "communicator was aborted", "watchdog caught collective operation timeout",
+                         "timed out", "socket closed", "pair closure", "gloo/transport", "ncclremoteerror")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in _PEER_FAILURE_MARKERS)
+
+
+def process_failed(exc: BaseException) -> int:
+    """A multi-process run where this process raised: its own error is shown with its
+    traceback; an error that only says another process went away (the launcher stops the
+    others once one exits) is one line, so the failing process's error is the one to read."""
+    import traceback
+
+    if is_peer_failure(exc):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "timed out" in first.lower() or "timeout" in first.lower():
+            why = ("a collective operation timed out: another process stopped answering (it hangs, or is far "
+                   "slower; `dist_timeout` in the config sets how long to wait)")
+        else:
+            why = "another process failed (its error is shown separately)"
+        print(f"error: {where()}stopped: {why}. {type(exc).__name__}: {first[:300]}", file=sys.stderr)
+        return 1
+    print(f"error: {where()}failed; the other processes are stopped.\n" + "".join(traceback.format_exception(exc)),
+          file=sys.stderr, end="")
+    return 1

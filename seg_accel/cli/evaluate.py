@@ -1,0 +1,135 @@
+"""``seg-accel evaluate``: score a checkpoint, an export or a whole work dir.
+
+``seg-accel evaluate WORK_DIR`` takes the run's ``config.yaml`` and its ``final/`` export
+(else its best, else its newest checkpoint); ``seg-accel evaluate CONFIG CHECKPOINT``
+scores any checkpoint, export or Hub id with that config. Results go beside what was
+scored (``<work_dir>/eval/<name>/results.json``) unless ``--out`` says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from seg_accel.cli.common import add_option_arguments, resolve_config, run_cli
+from seg_accel.errors import ConfigError
+
+
+def evaluate_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from seg_accel.config.schema import METRICS
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Evaluate a model on data.test (else data.val). Give a work dir (its config.yaml and "
+                               "final/, else its best or newest checkpoint), or a config and a checkpoint, export "
+                               "folder or Hub id. Several processes: --num-processes N.")
+    parser.add_argument("sources", nargs="+", metavar="[CONFIG] CHECKPOINT_OR_WORK_DIR",
+                        help="a work dir; or a config then a checkpoint, export folder, work dir or Hub id")
+    add_option_arguments(parser)
+    parser.add_argument("--metrics", nargs="+", default=["mIoU"], choices=sorted(METRICS),
+                        help="mIoU (IoU, Acc), mDice (Dice, Acc), mFscore (Fscore, Precision, Recall)")
+    parser.add_argument("--aug-test", action="store_true",
+                        help="multi-scale (model.test_cfg.img_ratios, default 0.5-1.75) and flip test-time augmentation")
+    parser.add_argument("--out", help="results JSON (default: <work_dir>/eval/<name>/results.json beside what is "
+                                      "scored); the confusion-matrix and IoU charts go beside it")
+    parser.add_argument("--show-dir", help="write an overlay (prediction | ground truth) per image here")
+    parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity in [0, 1]")
+    launch = parser.add_argument_group("several processes (started through `accelerate launch`)")
+    launch.add_argument("--num-processes", type=int, help="processes on this machine")
+    launch.add_argument("--config-file", help="an Accelerate launch config")
+    launch.add_argument("--main-process-port", type=int, help="port of the main process (default: a free one)")
+    return parser
+
+
+def pick_weights(work_dir: Path) -> Path:
+    """A work dir's ``final/`` export, else its best checkpoint, else its newest one."""
+    from seg_accel.engine.checkpoint import is_complete, latest_checkpoint
+    from seg_accel.engine.workdir import FINAL_DIR
+
+    if (work_dir / FINAL_DIR / "config.json").is_file():
+        return work_dir / FINAL_DIR
+    best = sorted((p for p in work_dir.glob("best_*") if is_complete(p)), key=lambda p: p.stat().st_mtime)
+    if best:
+        return best[-1]
+    latest = latest_checkpoint(work_dir)
+    if latest is None:
+        raise ConfigError(f"{work_dir} holds no final/ export and no complete checkpoint", key="CHECKPOINT")
+    return latest
+
+
+def _run_dir(path: Path) -> Path | None:
+    """The work dir a checkpoint or export belongs to (the folder with config.yaml)."""
+    from seg_accel.engine.workdir import CONFIG_FILE
+
+    for folder in (path, *list(path.parents)[:3]):
+        if (folder / CONFIG_FILE).is_file():
+            return folder
+    return None
+
+
+def resolve_sources(sources: list[str]) -> tuple[str, str, Path | None]:
+    """(config, weights, the work dir results go into by default)."""
+    from seg_accel.engine.workdir import CONFIG_FILE
+
+    if len(sources) > 2:
+        raise ConfigError(f"expected [CONFIG] CHECKPOINT_OR_WORK_DIR, got {len(sources)} arguments",
+                          key="CHECKPOINT")
+    given = Path(sources[-1])
+    weights = sources[-1]
+    run_dir = _run_dir(given) if given.exists() else None
+    if given.is_dir() and (given / CONFIG_FILE).is_file():  # a work dir
+        weights = str(pick_weights(given))
+    if len(sources) == 2:
+        return resolve_config(sources[0]), weights, run_dir
+    if run_dir is None:
+        raise ConfigError(f"{sources[0]} is not a work dir (no {CONFIG_FILE} in or above it): give the config too "
+                          "(seg-accel evaluate CONFIG CHECKPOINT)", key="CHECKPOINT")
+    return str(run_dir / CONFIG_FILE), weights, run_dir
+
+
+def default_out(weights: str, run_dir: Path | None, work_dir: str) -> Path:
+    name = Path(weights).name if Path(weights).exists() else re.sub(r"[^0-9A-Za-z_.-]+", "_", weights)
+    if name == "pretrained":  # a checkpoint's own export: name it after the checkpoint
+        name = Path(weights).parent.name
+    return (run_dir or Path(work_dir)) / "eval" / name / "results.json"
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from seg_accel.config import load_config
+    from seg_accel.engine.validate import validate_train_config
+
+    if not 0.0 <= args.opacity <= 1.0:
+        raise ConfigError(f"must be in [0, 1], got {args.opacity}", key="--opacity")
+    config, weights, run_dir = resolve_sources(args.sources)
+    if args.num_processes is not None and args.num_processes > 1 or args.config_file is not None:
+        return _launch(args, config, weights)
+    cfg = load_config(config, args.cfg_options)
+    train_cfg = validate_train_config(cfg)
+    out = Path(args.out) if args.out else default_out(weights, run_dir, train_cfg.work_dir)
+
+    from seg_accel.engine.tester import evaluate_checkpoint
+
+    with cfg.errors_located():
+        evaluate_checkpoint(train_cfg, cfg, weights, args.metrics, args.aug_test, out,
+                            Path(args.show_dir) if args.show_dir else None, args.opacity)
+    return 0
+
+
+def _launch(args: argparse.Namespace, config: str, weights: str) -> int:
+    from seg_accel.cli.launch import launch, launch_arguments
+
+    argv = [config, weights, "--metrics", *args.metrics, "--opacity", str(args.opacity)]
+    for flag, value in (("--out", args.out), ("--show-dir", args.show_dir)):
+        if value is not None:
+            argv += [flag, value]
+    if args.aug_test:
+        argv.append("--aug-test")
+    if args.cfg_options:
+        argv += ["--cfg-options", *args.cfg_options]
+    return launch("seg_accel.evaluate", argv,
+                  launch_arguments(args.num_processes, args.config_file, args.main_process_port),
+                  lambda: "interrupted: every process stopped")
+
+
+def evaluate_cli(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return run_cli(_evaluate, evaluate_parser(prog), argv)
