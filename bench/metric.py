@@ -6,7 +6,7 @@ histograms", as `evaluate`'s `mean_iou` works): predictions and labels are added
 `evaluate` module (an Arrow cache) batch by batch and `compute` runs mean_iou's
 per-image `np.histogram` code over them. A lighter reference keeps them in a Python
 list instead of Arrow (the same per-image histograms). Ours: one `bincount` per image
-into a running confusion matrix (what scripts/evaluate.py does); nothing is kept.
+into a running confusion matrix (what seg-accel evaluate does); nothing is kept.
 
 Each variant runs in a fresh process that reports its time and its peak memory above
 the process's own start (ru_maxrss). The predictions and labels are the same random

@@ -112,7 +112,7 @@ class Clock:
 
 def run_trainer(iters: int, checkpoint_interval: int) -> float:
     from seg_accel.config.loader import Config
-    from seg_accel.config.schema import validate_train_config
+    from seg_accel.engine.validate import validate_train_config
     from seg_accel.engine import Trainer
     from seg_accel.engine.hooks import Hook
 
@@ -120,11 +120,10 @@ def run_trainer(iters: int, checkpoint_interval: int) -> float:
     with tempfile.TemporaryDirectory() as work:
         raw = Config(dict=config(work, iters, checkpoint_interval), filename=str(REPO / "bench/overhead.py"))
         trainer = Trainer(validate_train_config(raw), raw, work)
-        trainer.val_loader = None
         clock = Clock()
         tick = type("Tick", (Hook,), {"after_train_iter": lambda self, runner: clock.tick()})()
         trainer.register_hook(tick, "LOWEST")
-        trainer.export = lambda *a, **k: None  # the final export is not part of the loop
+        trainer.exporter.export = lambda *a, **k: None  # the final export is not part of the loop
         trainer.train()
         return clock.result()
 

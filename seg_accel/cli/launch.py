@@ -93,7 +93,7 @@ def launch(module: str, argv: list[str], launch_args: list[str], on_interrupt: C
         for pump in pumps:
             pump.muted = True
         _stop(proc)
-        print(on_interrupt(), file=sys.stderr, flush=True)
+        print("\n" + on_interrupt(), file=sys.stderr, flush=True)  # a progress bar may be mid-line
         return INTERRUPTED
     for pump in pumps:
         pump.join()

@@ -101,9 +101,12 @@ def build_model_card(
     iteration); ``info``: ``run_info.json`` (processes, device, time)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    from seg_accel.models.modules import EXPORT_KEY
+
     info = info or {}
     dataset = dataset_identity(cfg.get("data") or {})
-    architecture = (model_config.get("architectures") or ["?"])[0]
+    module_spec = model_config.get(EXPORT_KEY)  # a registered nn.Module, not a transformers model
+    architecture = module_spec["type"] if module_spec else (model_config.get("architectures") or ["?"])[0]
     model_name = repo_id.split("/")[-1]
     eval_results = []
     if evaluation:
@@ -116,9 +119,10 @@ def build_model_card(
                     metric_type=METRIC_TYPES[name], metric_name=name, metric_value=round(float(value), 4),
                 ))
     card_data = ModelCardData(
-        library_name="transformers",
+        library_name="pytorch" if module_spec else "transformers",
         pipeline_tag="image-segmentation",
-        tags=["seg-accel", "semantic-segmentation", str(model_config.get("model_type", "model"))],
+        tags=["seg-accel", "semantic-segmentation",
+              str(module_spec["type"] if module_spec else model_config.get("model_type", "model"))],
         datasets=[dataset["hub_id"]] if dataset["hub_id"] else None,
         metrics=["mean_iou"] if eval_results else None,
         model_name=model_name if eval_results else None,
@@ -146,26 +150,40 @@ def build_model_card(
             lines.append("")
     else:
         lines += ["Not evaluated (the training config has no `data.val`).", ""]
-    lines += ["## How to use", "", "```python",
-              "from transformers import pipeline", "",
-              f'segmenter = pipeline("image-segmentation", model="{repo_id}")',
-              'masks = segmenter("image.jpg")  # one {"label", "mask"} per class present', "```", "",
-              "or, for the logits:", "", "```python",
-              "import torch",
-              "from PIL import Image",
-              "from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation", "",
-              f'processor = AutoImageProcessor.from_pretrained("{repo_id}")',
-              f'model = AutoModelForSemanticSegmentation.from_pretrained("{repo_id}").eval()',
-              'image = Image.open("image.jpg").convert("RGB")',
-              "with torch.no_grad():",
-              '    logits = model(**processor(image, return_tensors="pt")).logits',
-              "logits = torch.nn.functional.interpolate(logits, size=image.size[::-1], mode=\"bilinear\")",
-              "labels = logits.argmax(1)[0]  # (height, width) class indices; model.config.id2label names them",
-              "```", ""]
+    lines += _module_usage(repo_id, module_spec) if module_spec else _transformers_usage(repo_id)
     lines += ["## Training", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in _recipe(cfg, info)]
     lines += ["", "The full training config is `training_config.yaml` in this repository; the training log "
               "(one JSON object per logged iteration and evaluation) is under `logs/`, the last evaluation in "
-              "`eval_results.json`. To train it again: `accelerate launch scripts/train.py training_config.yaml`.", ""]
+              "`eval_results.json`. To train it again: `seg-accel train training_config.yaml`.", ""]
     return ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n",
                                    body="\n".join(lines))
+
+
+def _module_usage(repo_id: str, spec: dict) -> list[str]:
+    return ["## How to use", "", f"A `{spec['type']}` (`{spec['import_path']}`) exported by seg-accel: its weights and "
+            "a `config.json` naming the class and its options. With that class importable (its module on the "
+            "Python path):", "", "```python", "import torch", "", "import seg_accel", "",
+            f'model = seg_accel.load_model("{repo_id}").eval()',
+            "with torch.no_grad():",
+            "    logits = model(pixel_values)  # (N, 3, H, W), normalised as preprocessor_config.json says",
+            "labels = logits.argmax(1)  # config.json's id2label names the classes", "```", ""]
+
+
+def _transformers_usage(repo_id: str) -> list[str]:
+    return ["## How to use", "", "```python",
+            "from transformers import pipeline", "",
+            f'segmenter = pipeline("image-segmentation", model="{repo_id}")',
+            'masks = segmenter("image.jpg")  # one {"label", "mask"} per class present', "```", "",
+            "or, for the logits:", "", "```python",
+            "import torch",
+            "from PIL import Image",
+            "from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation", "",
+            f'processor = AutoImageProcessor.from_pretrained("{repo_id}")',
+            f'model = AutoModelForSemanticSegmentation.from_pretrained("{repo_id}").eval()',
+            'image = Image.open("image.jpg").convert("RGB")',
+            "with torch.no_grad():",
+            '    logits = model(**processor(image, return_tensors="pt")).logits',
+            "logits = torch.nn.functional.interpolate(logits, size=image.size[::-1], mode=\"bilinear\")",
+            "labels = logits.argmax(1)[0]  # (height, width) class indices; model.config.id2label names them",
+            "```", ""]

@@ -221,9 +221,19 @@ def test_custom_imports_missing_module(tmp_path):
 
 
 def test_custom_imports_allow_failed(tmp_path, caplog):
+    import logging
+
     path = write_yaml(tmp_path / "c.yaml", tiny_config(
         custom_imports={"imports": "no_such_module_xyz", "allow_failed_imports": True}))
-    load_config(path)  # no error: a warning instead
+    seg_logger = logging.getLogger("seg_accel")  # it does not propagate once the trainer set up its logging
+    seg_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="seg_accel"):
+            load_config(path)  # no error: a warning instead
+    finally:
+        seg_logger.removeHandler(caplog.handler)
+    assert "custom_imports: could not import no_such_module_xyz" in caplog.text
+    assert "allow_failed_imports" in caplog.text
 
 
 # ----------------------------------------------------------------------------- work_dir, seed

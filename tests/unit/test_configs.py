@@ -56,7 +56,7 @@ def test_training_config_loads_validates_and_builds_its_model(path, monkeypatch)
     raw = load_config(path)
     options = [f"model.{key}=null" for key in ("pretrained", "backbone_pretrained") if raw.dict["model"].get(key)]
     cfg = validate_train_config(load_config(path, options))
-    assert cfg.classes and cfg.runner.max_iters or cfg.runner.max_epochs
+    assert cfg.classes and (cfg.runner.max_iters or cfg.runner.max_epochs)
     model = build_model(cfg.model, cfg.classes)  # full size, random init
     assert model.config.num_labels == len(cfg.classes)
     assert model.config.id2label[len(cfg.classes) - 1] == cfg.classes[-1]

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
 
 import pytest
 import torch
 
-from seg_accel.engine.hooks import PRIORITIES, get_priority
+from seg_accel.engine.hooks import PRIORITIES, Hook, HookList, get_priority
 from seg_accel.errors import ConfigError
-from tests.conftest import make_trainer, tiny_config, write_yaml
+from tests.conftest import REPO, make_trainer, tiny_config, write_yaml
 
 USER_HOOKS = textwrap.dedent("""
     from seg_accel.engine.hooks import Hook
@@ -50,8 +51,16 @@ def user_hooks(tmp_path, monkeypatch):
 
 def test_priorities():
     assert get_priority("NORMAL") == 50 and get_priority("very_low") == 90 and get_priority(45) == 45
-    assert PRIORITIES == {"HIGHEST": 0, "VERY_HIGH": 10, "HIGH": 30, "ABOVE_NORMAL": 40, "NORMAL": 50,
-                          "BELOW_NORMAL": 60, "LOW": 70, "VERY_LOW": 90, "LOWEST": 100}
+    # the names and numbers the documentation gives (docs/behaviour.md section 7, mmcv's values)
+    documented = re.search(r"Priorities: (.*?) or an integer", (REPO / "docs/behaviour.md").read_text(), re.S)
+    pairs = dict(re.findall(r"([A-Z_]+)\s+(\d+)", documented.group(1)))
+    assert len(pairs) == 9 and all(get_priority(name) == int(value) for name, value in pairs.items())
+    assert set(PRIORITIES) == set(pairs)
+    # and they order hooks: registered in reverse, they run lowest number first
+    hooks = HookList()
+    for name in reversed(list(pairs)):
+        hooks.register(type(name, (Hook,), {})(), name)
+    assert [h.name for h in hooks] == list(pairs)
     for bad in ("MEDIUM", 101, -1, 1.5, True):
         with pytest.raises(ConfigError):
             get_priority(bad)
