@@ -17,7 +17,7 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from seg_accel.config.types import join_key, parse_value, type_hints
+from seg_accel.config.types import Component, join_key, parse_value, type_hints
 from seg_accel.errors import ConfigError, did_you_mean
 
 
@@ -193,33 +193,25 @@ def _type_from_default(default: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """Annotation metadata: the value is one component (or a list of them) of ``registry``.
-
-    ``Annotated[list, Spec(TRANSFORMS, many=True)]`` lets the config checker
-    validate nested components wherever they appear.
-    """
+    """Annotation metadata of a constructor argument: one component (or a list of them) of
+    ``registry``. ``Annotated[list, Spec(TRANSFORMS, many=True)]`` lets the config checker
+    validate nested components wherever they appear (the config layer's ``Component`` checks
+    the shape; this also checks the names and options against the registry)."""
 
     registry: Registry
     many: bool | str = False  # False: one mapping; True: a list; "either": one or a list
 
+    @property
+    def component(self) -> Component:
+        return Component(self.registry.kind, self.many, self.registry.key)
+
     def describe(self) -> str:
-        one = f"a {self.registry.kind} mapping ({{{self.registry.key}: ...}})"
-        if self.many is True:
-            return f"a list of {self.registry.kind} mappings"
-        if self.many == "either":
-            return f"{one} or a list of them"
-        return one
+        return self.component.describe()
 
     def check(self, value: Any, key: str | None) -> None:
-        if value is None:
-            return
-        if isinstance(value, (list, tuple)) and self.many:
-            for i, item in enumerate(value):
-                self.registry.check(item, join_key(key, i))
-            return
-        if self.many is True:
-            raise ConfigError(f"expected {self.describe()}, got {value!r}", key=key)
-        self.registry.check(value, key)
+        self.component.check(value, key)
+        for item_key, item in self.component.items(value, key):
+            self.registry.check(item, item_key)
 
 
 def _torch_optimizer(name: str) -> Any:

@@ -10,7 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, accelerate_launch, json_log, run_script, tiny_config, write_yaml
+from tests.conftest import (
+    REPO,
+    accelerate_launch,
+    json_log,
+    run_script,
+    tiny_config,
+    write_yaml,
+)
 from tests.integration.test_resume import KILLER
 
 USER_MODELS = textwrap.dedent('''
@@ -64,9 +71,9 @@ def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.multiprocess
 def test_a_registered_plain_module_trains_resumes_evaluates_exports_and_publishes(tmp_path, hub_server, monkeypatch):
-    import seg_accel
     from huggingface_hub import ModelCard
 
+    import seg_accel
     from seg_accel.engine.checkpoint import latest_checkpoint
     from seg_accel.models import build_model
 

@@ -11,17 +11,7 @@ import torch
 
 from tests.conftest import REPO, accelerate_launch, run_script, tiny_config, write_yaml
 from tests.hub_server import HF_TEST_TOKEN
-
-REPO_ID = "tester/tiny-segformer"
-
-
-def push_config(strategy: str = "checkpoint", **push) -> dict:
-    """The tiny SegFormer on SyntheticShapes: 6 iterations, a checkpoint every 2, evaluation every 4
-    (and at the end)."""
-    cfg = tiny_config(checkpoint_config={"interval": 2}, evaluation={"interval": 4, "save_best": "mIoU"},
-                      push_to_hub={"repo_id": REPO_ID, "strategy": strategy, "retries": 2, "retry_wait": 0.1, **push})
-    cfg["runner"]["max_iters"] = 6
-    return cfg
+from tests.unit.test_hub import REPO_ID, push_config
 
 
 def safetensors_tensors(data: bytes) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import REPO, script_env
 from tests.parquet_data import write_parquet_dataset
+from tests.unit.test_streaming import hub_config
 
 
 def run_probe(data_dir, out_dir, epochs, batch_size, workers, world=2):
@@ -51,18 +52,6 @@ def test_two_processes_two_workers_see_every_sample_once_per_epoch(tmp_path, sha
         assert sum(repeats) == sum(shards) % 2 * (1 if expected_mode == "examples" else 0)
 
 
-def hub_config(data_dir, streaming, **data):
-    from tests.conftest import NORMALIZE, tiny_config
-    from tests.parquet_data import CLASSES
-
-    cfg = tiny_config(log_config={"interval": 1})
-    cfg["runner"]["max_iters"] = 3
-    cfg["data"].update(
-        train={"type": "HubDataset", "path": str(data_dir), "streaming": streaming, "classes": CLASSES,
-               "pipeline": [{"type": "RandomFlip", "prob": 0.5}, NORMALIZE]},
-        val=None, **data,
-    )
-    return cfg
 
 
 @pytest.mark.multiprocess

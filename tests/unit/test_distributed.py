@@ -2,76 +2,12 @@
 process, sync_bn. Every run here is a real ``accelerate launch`` (gloo on CPU)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from tests.conftest import (
     tiny_config,
 )
-
-ITERS = 10
-# Why not bitwise: float32 sums in another order (one backward over 4 images vs two over 2
-# images, then gloo's all-reduce) differ in the last bits (~1e-7 relative). AdamW's step is
-# lr * m / (sqrt(v) + eps): for almost every weight that is a ~1e-7 relative change of a step
-# of ~lr = 1e-3 (measured: ~1e-7 after 10 iterations). A weight whose gradient nearly cancels
-# to the size of eps = 1e-8 is the exception: there the step depends on g / eps, and rounding
-# noise of ~1e-10 on such a gradient moves it by up to lr * 1e-10 / eps = 1e-5. Measured here:
-# 1.3e-6 on one weight (stage 4's patch embedding, at the first steps), 1.2e-7 on every other;
-# the weights move by ~1.5e-3 between iterations 5 and 10, and per-process BatchNorm moves
-# them apart by far more than ATOL (the control run below).
-ATOL = 1e-5
-
-
-def equivalence_config(samples_per_gpu: int, norm_eval: bool = True) -> dict:
-    """Tiny SegFormer, dropout and stochastic depth off (their masks come from each process's
-    own RNG), BatchNorm (the decode head's) in eval mode, class-weighted CE, grad clipping,
-    random flips (seeded by the sample's global position, so the same on any process count)."""
-    cfg = tiny_config(checkpoint_config={"interval": 5})
-    cfg["model"]["config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                  classifier_dropout_prob=0.0, drop_path_rate=0.0)
-    cfg["model"]["norm_eval"] = norm_eval
-    cfg["model"]["decode_head"] = {"loss_decode": {"type": "CrossEntropyLoss", "class_weight": [0.5, 1.0, 2.0, 1.5]}}
-    cfg["optimizer_config"] = {"grad_clip": {"max_norm": 0.5, "norm_type": 2}}
-    cfg["data"]["samples_per_gpu"] = samples_per_gpu
-    cfg["runner"]["max_iters"] = ITERS
-    cfg["log_config"] = {"interval": 5}
-    del cfg["data"]["val"]
-    return cfg
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
-
-
-FAULT_HOOKS = '''
-import os
-import time
-
-from seg_accel.engine.hooks import Hook
-from seg_accel.registry import HOOKS
-
-
-@HOOKS.register()
-class FailOnRank(Hook):
-    """Raises (or, with hang, sleeps) on one process at one iteration; notes each process's pid."""
-
-    def __init__(self, rank=1, at=5, hang=0.0, pid_dir="."):
-        self.rank, self.at, self.hang, self.pid_dir = rank, at, hang, pid_dir
-
-    def before_run(self, runner):
-        with open(os.path.join(self.pid_dir, f"pid_{runner.accelerator.process_index}"), "w") as f:
-            f.write(str(os.getpid()))
-
-    def after_train_iter(self, runner):
-        if runner.iter == self.at and runner.accelerator.process_index == self.rank:
-            if self.hang:
-                time.sleep(self.hang)
-            raise RuntimeError(f"planted failure on rank {self.rank} at iteration {self.at}")
-'''
 
 
 def test_sync_bn_conversion_and_its_notices():
