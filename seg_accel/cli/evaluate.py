@@ -24,7 +24,8 @@ def evaluate_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                "final/, else its best or newest checkpoint), or a config and a checkpoint, export "
                                "folder or Hub id. Several processes: --num-processes N.")
     parser.add_argument("sources", nargs="+", metavar="[CONFIG] CHECKPOINT_OR_WORK_DIR",
-                        help="a work dir; or a config then a checkpoint, export folder, work dir or Hub id")
+                        help="a work dir; or a config (or a work dir, for its config) then a checkpoint, export "
+                             "folder, work dir or Hub id")
     add_option_arguments(parser)
     parser.add_argument("--metrics", nargs="+", default=["mIoU"], choices=sorted(METRICS),
                         help="mIoU (IoU, Acc), mDice (Dice, Acc), mFscore (Fscore, Precision, Recall)")
@@ -80,6 +81,9 @@ def resolve_sources(sources: list[str]) -> tuple[str, str, Path | None]:
     if given.is_dir() and (given / CONFIG_FILE).is_file():  # a work dir
         weights = str(pick_weights(given))
     if len(sources) == 2:
+        config = Path(sources[0])
+        if config.is_dir() and (config / CONFIG_FILE).is_file():  # a work dir's config
+            return str(config / CONFIG_FILE), weights, run_dir
         return resolve_config(sources[0]), weights, run_dir
     if run_dir is None:
         raise ConfigError(f"{sources[0]} is not a work dir (no {CONFIG_FILE} in or above it): give the config too "

@@ -122,3 +122,29 @@ def test_ctrl_c_stops_every_process_with_one_line(tmp_path):
     assert f"the last checkpoint is {latest}" in final[0] and f"--resume-from {latest}" in final[0]
     assert not any(alive(pid) for pid in pids)
     assert not (work / "final").exists()
+
+
+@pytest.mark.multiprocess
+def test_accelerate_launch_module_and_evaluating_a_work_dir(tmp_path):
+    """`accelerate launch -m seg_accel.train` trains on 2 processes; `seg-accel evaluate WORK_DIR`
+    takes the run's config and final/ export and writes beside it; --num-processes 2 gives the
+    same confusion matrix."""
+    import json
+
+    from tests.conftest import accelerate_launch, run_script
+
+    cfg = tiny_config(checkpoint_config={"interval": 2})
+    path = write_yaml(tmp_path / "exp.yaml", cfg)
+    work = tmp_path / "work"
+    proc = accelerate_launch(["-m", "seg_accel.train", str(path), "--work-dir", str(work)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    one = run_script(["-m", "seg_accel", "evaluate", str(work)], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    results = json.loads((work / "eval" / "final" / "results.json").read_text())
+    assert results["checkpoint"] == str(work / "final") and (work / "eval" / "final" / "results_iou.png").is_file()
+    assert results["confusion_matrix"] == json.loads((work / "eval_results.json").read_text())["confusion_matrix"]
+    two = run_script(["-m", "seg_accel", "evaluate", str(work), str(work / "iter_4"), "--num-processes", "2",
+                      "--out", str(tmp_path / "two.json")], cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two.json").read_text())["confusion_matrix"] == results["confusion_matrix"]

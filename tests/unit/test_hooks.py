@@ -261,3 +261,23 @@ def test_nonfinite_loss_stops_by_default_and_is_skipped_on_request(tmp_path, mon
     assert all(torch.isfinite(p).all() for p in model.parameters())
     log = next((tmp_path / "skip" / "work").glob("*.log")).read_text()
     assert "skipped iteration 3: non-finite gradients" in log and "1 of 1 skips used" in log
+
+
+@pytest.mark.parametrize(("runner", "by_epoch", "expected"), [
+    ({"type": "IterBasedRunner", "max_iters": 4}, True, ["Epoch [1][2/4]", "Epoch [1][4/4]"]),
+    ({"type": "IterBasedRunner", "max_iters": 4}, None, ["Iter [2/4]", "Iter [4/4]"]),
+    ({"type": "EpochBasedRunner", "max_epochs": 2}, False, ["Iter [2/4]", "Iter [4/4]"]),
+    ({"type": "EpochBasedRunner", "max_epochs": 2}, None, ["Epoch [1][2/2]", "Epoch [2][2/2]"]),
+])
+def test_logger_by_epoch_counts_within_the_epoch(tmp_path, fresh_accelerate, runner, by_epoch, expected):
+    """MMSegmentation's logger `by_epoch`: log lines count iterations within the epoch or overall;
+    left out, as the runner counts. 8 samples, 2 per step: 4 iterations an epoch."""
+    hook = {"type": "TextLoggerHook"} if by_epoch is None else {"type": "TextLoggerHook", "by_epoch": by_epoch}
+    cfg = tiny_config(runner=runner, log_config={"interval": 2, "hooks": [hook]})
+    cfg["data"]["train"]["num_samples"] = 8 if runner["type"] == "IterBasedRunner" else 4
+    cfg["data"]["val"] = None
+    trainer, _ = make_trainer(tmp_path, cfg)
+    trainer.train()
+    log = next((tmp_path / "work").glob("*.log")).read_text()
+    found = re.findall(r"(Epoch \[\d+\]\[\d+/\d+\]|Iter \[\d+/\d+\])\t", log)
+    assert found == expected
