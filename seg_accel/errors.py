@@ -48,6 +48,11 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. non-finite gradients); the message says where and why."""
 
 
+class StorageError(TrainingError):
+    """A file seg-accel writes could not be written (a full disk, no permission, a read-only
+    folder); the message names the file and what was being written."""
+
+
 class DataError(Exception):
     """A problem with a sample or a dataset on disk (names the dataset, index and file)."""
 

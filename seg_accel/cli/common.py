@@ -7,6 +7,7 @@ Ctrl-C exits with 130 after one line saying where the last checkpoint is.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -87,23 +88,51 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
         if args.debug:
             raise
         if is_main_process():
-            print(f"error: {exc}", file=sys.stderr)
+            report(f"error: {exc}")
         return 2
     except (DataError, TrainingError) as exc:
         if args.debug:
             raise
-        print(f"error: {where()}{exc}", file=sys.stderr)
+        report(f"error: {where()}{one_line(exc)}")
+        return 1
+    except OSError as exc:  # a file seg-accel writes or reads: a full disk, no permission, a read-only folder
+        if args.debug or exc.errno not in _STORAGE_ERRNOS:
+            raise
+        what = f"{exc.filename}: " if exc.filename else ""
+        report(f"error: {where()}{what}{exc.strerror or exc}")
         return 1
     except KeyboardInterrupt:
         if args.debug:
             raise
         if is_main_process():
-            print(on_interrupt(args) if on_interrupt else "interrupted", file=sys.stderr)
+            report(on_interrupt(args) if on_interrupt else "interrupted")
         return INTERRUPTED
     except Exception as exc:
         if args.debug or world_size() <= 1:
             raise
         return process_failed(exc)
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM, errno.ENOENT, errno.EISDIR,
+                   errno.ENOTDIR, errno.EIO}
+
+
+def report(line: str) -> None:
+    """The one line on stderr, and in the run's log file when there is one (why the run ended)."""
+    print(line, file=sys.stderr)
+    from seg_accel.engine.log import record_in_log_file
+
+    record_in_log_file(line)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error raised in a DataLoader worker comes back with the worker's traceback in its message:
+    keep the message itself (the last line of that traceback)."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return text
 
 
 # What a collective operation raises when another process died or stopped answering

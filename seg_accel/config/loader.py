@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,13 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-class _StrictLoader(yaml.SafeLoader):
+# Limits that keep a hostile or broken file from exhausting the machine before any check runs.
+MAX_CONFIG_BYTES = 4 * 2**20  # a real config is a few KB (the ADE20K recipe with 150 classes and palette: 8 KB)
+MAX_CONFIG_VALUES = 100_000  # values after expanding YAML aliases (a real config: a few thousand)
+MAX_CONFIG_DEPTH = 64  # nesting of mappings and lists
+
+
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when installed
     """safe_load that refuses duplicate keys in one mapping (YAML would keep the last silently)."""
 
 
@@ -95,18 +102,71 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _expanded_size(root: yaml.Node, file: str) -> int:
+    """How many values the document has once its aliases are expanded (an alias names a node that
+    is composed once but stands in several places: nine levels of ten aliases make 10**9 values
+    out of a few hundred bytes). Counted on the composed graph, each node once; a cycle or a
+    nesting deeper than ``MAX_CONFIG_DEPTH`` is an error."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 0, False)]
+    active: set[int] = set()
+    while stack:
+        node, depth, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = [x for pair in node.value for x in pair] if isinstance(node, yaml.MappingNode) else \
+            list(node.value) if isinstance(node, yaml.SequenceNode) else []
+        if not children_done:
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigError(f"the YAML nests deeper than {MAX_CONFIG_DEPTH} levels (MAX_CONFIG_DEPTH)", file=file)
+            if id(node) in active:
+                raise ConfigError(f"the YAML refers to itself (a recursive alias at line {node.start_mark.line + 1})",
+                                  file=file)
+            active.add(id(node))
+            stack.append((node, depth, True))
+            stack.extend((child, depth + 1, False) for child in children if id(child) not in sizes)
+            continue
+        active.discard(id(node))
+        sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+        if sizes[id(node)] > MAX_CONFIG_VALUES:
+            raise ConfigError(f"the YAML expands to more than {MAX_CONFIG_VALUES:,} values (MAX_CONFIG_VALUES): "
+                              "aliases (*name) repeat their anchor's content; a config is far smaller", file=file)
+    return sizes[id(root)]
+
+
+def load_yaml(text: str, file: str) -> Any:
+    """``text`` parsed safely (no duplicate keys, aliases and nesting within the limits)."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, file)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict:
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"the file is {size / 2**20:.1f} MiB; a config may be at most "
+                              f"{MAX_CONFIG_BYTES // 2**20} MiB (MAX_CONFIG_BYTES)", file=str(path))
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc.strerror}", file=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not a text file ({exc.reason} at byte {exc.start})", file=str(path)) from exc
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        data = load_yaml(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(f"YAML syntax error{where}: {problem}", file=str(path)) from exc
+    except RecursionError as exc:
+        raise ConfigError("the YAML nests too deeply to read", file=str(path)) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -265,7 +325,7 @@ def parse_option_value(text: str, option: str = "") -> Any:
             raise ConfigError(f"malformed mapping in '{option}': '{text}' does not end with '}}'", key=CFG_OPTIONS)
         _split_top_level(text, option)  # balance check
         try:
-            value = yaml.load(text, Loader=_StrictLoader)
+            value = load_yaml(text, CFG_OPTIONS)
         except yaml.YAMLError as exc:
             raise ConfigError(f"malformed mapping in '{option}': {getattr(exc, 'problem', None) or exc}",
                               key=CFG_OPTIONS) from exc
@@ -373,16 +433,18 @@ def import_custom_modules(cfg: Config) -> list[str]:
         try:
             importlib.import_module(module)
             imported.append(module)
-        except ImportError as exc:
+        except Exception as exc:  # the user's module: ImportError, but also a SyntaxError or any error it raises
             if allow_failed:
                 logger.warning("custom_imports: could not import %s (%s); continuing (allow_failed_imports)", module, exc)
                 continue
-            raise ConfigError(
-                f"cannot import module '{module}': {exc}. It must be importable from the current directory or "
-                "PYTHONPATH",
-                key=key,
-                file=cfg.origin(key),
-            ) from exc
+            if isinstance(exc, ImportError):
+                reason = f"{exc}. It must be importable from the current directory or PYTHONPATH"
+            elif isinstance(exc, SyntaxError):
+                reason = f"SyntaxError in {exc.filename}, line {exc.lineno}: {exc.msg}"
+            else:
+                frame = traceback.extract_tb(exc.__traceback__)[-1]
+                reason = f"it raised {type(exc).__name__}: {exc} ({frame.filename}, line {frame.lineno})"
+            raise ConfigError(f"cannot import module '{module}': {reason}", key=key, file=cfg.origin(key)) from exc
     return imported
 
 

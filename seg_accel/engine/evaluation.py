@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from seg_accel.engine.inference import Inferencer
-from seg_accel.engine.workdir import write_text_atomic
+from seg_accel.engine.workdir import agree_on_write, write_text_atomic
 from seg_accel.metrics import confusion_matrix, format_table, metrics_from_confusion
 
 if TYPE_CHECKING:
@@ -116,6 +116,7 @@ class Evaluator:
         cm, results = evaluate_model(acc, self.model, self.loader, self.classes, self.ignore_index,
                                      self.inferencer, metrics)
         self.log.emit({"mode": "val", "epoch": epoch, "iter": iteration, **eval_record(results, self.classes)})
+        error = None
         if acc.is_main_process:
             payload = {
                 "iter": iteration, "epoch": epoch,
@@ -124,6 +125,10 @@ class Evaluator:
                 "confusion_matrix": cm.cpu().tolist(), "classes": self.classes,
                 "num_processes": acc.num_processes,
             }
-            write_text_atomic(self.results_file, json.dumps(payload, indent=2))
+            try:
+                write_text_atomic(self.results_file, json.dumps(payload, indent=2))
+            except OSError as exc:
+                error = exc
+        agree_on_write(acc, error, f"the evaluation results {self.results_file}")
         self.latest, self._latest_iter = results, iteration
         return results

@@ -4,10 +4,12 @@ image processor that prepares images as the test pipeline does."""
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from seg_accel.engine.workdir import agree_on_write
 from seg_accel.models import export_model
 
 logger = logging.getLogger("seg_accel")
@@ -30,12 +32,26 @@ class Exporter:
         return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     def export(self, folder: Path, final: bool = False) -> None:
-        acc = self.accelerator
+        """Write the export into ``.<name>.tmp`` and rename it to ``folder``: an interrupted or
+        failed export never leaves a folder that looks complete (nor replaces a good one)."""
+        acc, folder = self.accelerator, Path(folder)
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(self.model) if self.sharded else None  # a collective when sharded
+        tmp, error = folder.parent / f".{folder.name}.tmp", None
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
-            export_model(model, folder, self.classes, self.processor, state_dict=state_dict)
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+                export_model(model, tmp, self.classes, self.processor, state_dict=state_dict)
+                if folder.exists():
+                    shutil.rmtree(folder)
+                tmp.rename(folder)
+            except OSError as exc:
+                error = exc
+        agree_on_write(acc, error, f"the export {folder} (nothing else was touched)",
+                       cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True))
+        if acc.is_main_process:
             logger.info("exported the model to %s", folder)
             if final:
                 for listener in self.on_final:

@@ -304,9 +304,16 @@ class FinalExportHook(Hook):
     def after_run(self, runner: Trainer) -> None:
         import json
 
+        from seg_accel.engine.workdir import agree_on_write, write_text_atomic
+
         self.exporter.export(self.folder, final=True)
+        info, error = self.run_info(), None
         if self.exporter.accelerator.is_main_process:
-            self.info_file.write_text(json.dumps(self.run_info(), indent=2))
+            try:
+                write_text_atomic(self.info_file, json.dumps(info, indent=2))
+            except OSError as exc:
+                error = exc
+        agree_on_write(self.exporter.accelerator, error, f"the run information {self.info_file}")
 
 
 def describe_hooks(hooks: HookList) -> str:

@@ -68,3 +68,12 @@ class IntervalMeter:
 
 def format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+def record_in_log_file(message: str, level: int = logging.ERROR) -> None:
+    """Write ``message`` to the run's log file only (the console already shows it): why a run
+    ended stays in its log."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(logger.makeRecord(LOGGER_NAME, level, __file__, 0, message, None, None))

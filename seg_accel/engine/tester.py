@@ -41,7 +41,7 @@ def load_model(cfg: TrainConfig, checkpoint: str) -> Any:
     path = Path(checkpoint)
     if (path / META).is_file():
         model = build_model(cfg.model, list(cfg.classes))
-        load_weights(model, path, key="CHECKPOINT")
+        load_weights(model, path, key="CHECKPOINT", strict=True)
         return model
     try:
         model = load_export(checkpoint)

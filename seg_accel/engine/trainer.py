@@ -25,7 +25,7 @@ from seg_accel.config.loader import Config
 from seg_accel.config.schema import TrainConfig
 from seg_accel.data import EpochBookkeeping, build_dataset, build_train_loader
 from seg_accel.engine import workdir
-from seg_accel.engine.checkpoint import Checkpointer, RunnerState, latest_checkpoint, load_weights
+from seg_accel.engine.checkpoint import Checkpointer, RunnerState, load_weights
 from seg_accel.engine.evaluation import Evaluator
 from seg_accel.engine.export import Exporter
 from seg_accel.engine.hooks import (
@@ -70,9 +70,14 @@ class Trainer:
         acc = self.accelerator
         if acc.is_main_process:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            workdir.write_text_atomic(self.work_dir / CONFIG_FILE, raw_cfg.dump(work_dir=str(self.work_dir)))
         acc.wait_for_everyone()
-        self.json_log_path = self.work_dir / f"{setup_logging(self.work_dir, acc.is_main_process)}.log.json"
+        timestamp = setup_logging(self.work_dir, acc.is_main_process)
+        self.json_log_path = self.work_dir / f"{timestamp}.log.json"
+        # this run's config beside its log now; config.yaml (what the checkpoints are made with) only
+        # once the run has started (a resume that fails must not replace it)
+        self._config_text = raw_cfg.dump(work_dir=str(self.work_dir))
+        if acc.is_main_process:
+            workdir.write_text_atomic(self.work_dir / f"{timestamp}.config.yaml", self._config_text)
         quiet_libraries(acc.is_main_process)
         # Depthwise conv weights (C, 1, k, k) get grads whose size-1 dim has another stride than
         # DDP's bucket view: the same memory layout, so DDP's performance warning is a false alarm.
@@ -129,7 +134,7 @@ class Trainer:
         self.exporter = Exporter(acc, self.model, self.classes, build_image_processor(cfg.data))
         self.checkpoint_dir = Path(cfg.checkpoint_config.out_dir) if cfg.checkpoint_config and \
             cfg.checkpoint_config.out_dir else self.work_dir
-        self.checkpointer = Checkpointer(acc, self.checkpoint_dir, self.progress, self.exporter)
+        self.checkpointer = Checkpointer(acc, self.checkpoint_dir, RunnerState(self), self.exporter)
         self.evaluator = None
         if cfg.evaluates:
             self.evaluator = Evaluator(acc, self.model, self.val_loader, self.classes, cfg.ignore_index,
@@ -142,8 +147,7 @@ class Trainer:
         for i, hook_cfg in enumerate(cfg.custom_hooks):
             self.register_hook(self._build_hook(hook_cfg, f"custom_hooks.{i}"), hook_cfg.get("priority"))
 
-        acc.register_for_checkpointing(RunnerState(self))
-        self._resume()
+        self._resume(model)
         self.train_loader = build_train_loader(
             self.train_set, cfg.data.samples_per_gpu, cfg.data.workers_per_gpu, acc.process_index,
             acc.num_processes, cfg.seed, start=self.samples, pin_memory=acc.device.type == "cuda",
@@ -152,6 +156,8 @@ class Trainer:
         stream = getattr(self.train_loader, "stream", None)
         self.epoch_log = EpochBookkeeping(acc.process_index, stream.plan if stream is not None else None)
         self._started = time.perf_counter()
+        if acc.is_main_process:  # built, loaded and resumed: this config is now the work dir's
+            workdir.write_text_atomic(self.work_dir / CONFIG_FILE, self._config_text)
         describe_run(self, model, group_table, notes)
 
     # ------------------------------------------------------------------ setup
@@ -193,20 +199,18 @@ class Trainer:
             self.register_hook(HOOKS.get("PushToHubHook", "push_to_hub")(push))
         return schedulers
 
-    def _resume(self) -> None:
+    def _resume(self, model: torch.nn.Module) -> None:
         cfg = self.cfg
         self.checkpointer.clean_unfinished()
         path, key = (Path(cfg.resume_from), "resume_from") if cfg.resume_from else (None, "")
         if path is None and cfg.auto_resume:
-            path, key = latest_checkpoint(self.checkpoint_dir), "auto_resume"
+            path, key = self.checkpointer.newest_good(), "auto_resume"
             if path is None:
                 logger.info("auto_resume: no checkpoint in %s; starting afresh", self.checkpoint_dir)
         if path is not None:
-            self.checkpointer.resume(path, key)
+            self.checkpointer.resume(path, key, model)
 
     # ------------------------------------------------------------------ state
-    def progress(self) -> dict[str, int]:
-        return {"iter": self.iter, "epoch": self.epoch, "optimizer_steps": self.optimizer_steps}
 
     @property
     def train_seconds(self) -> float:
@@ -219,8 +223,15 @@ class Trainer:
         return {**workdir.library_versions(), "num_processes": acc.num_processes,
                 "distributed_type": acc.distributed_type.value, "device": acc.device.type,
                 "device_name": workdir.device_name(acc.device), "mixed_precision": acc.mixed_precision,
-                "iterations": self.iter, "epochs": self.epoch, "optimizer_steps": self.optimizer_steps,
-                "samples": self.samples, "train_seconds": round(self.train_seconds, 1)}
+                "iterations": self.iter, "epochs": self.epochs_done(), "optimizer_steps": self.optimizer_steps,
+                "samples": self.samples * acc.num_processes, "train_seconds": round(self.train_seconds, 1)}
+
+    def epochs_done(self) -> float:
+        """Passes over the training data: the epoch counter of an epoch-based run, else the samples
+        every process took (each takes the same number) over the dataset's size."""
+        if self.by_epoch:
+            return self.epoch
+        return round(self.samples * self.accelerator.num_processes / max(len(self.train_set), 1), 3)
 
     def train_mode(self) -> None:
         """``model.train()``, with BatchNorm kept in eval mode under ``model.norm_eval``."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 import platform
 from typing import Any
 
-import torch
-
 CONFIG_FILE = "config.yaml"  # the resolved config the run was started with
 EVAL_RESULTS = "eval_results.json"  # the latest evaluation on data.val
 FINAL_DIR = "final"  # the export at the end of training
@@ -13,7 +11,9 @@ RUN_INFO = "run_info.json"  # how the run was made (for the model card)
 STAGING = ".hub_staging"  # pushes being uploaded
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: Any) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
@@ -23,6 +23,7 @@ def device_name(device: torch.device) -> str:
 
 def library_versions() -> dict[str, Any]:
     import accelerate
+    import torch
     import transformers
 
     from seg_accel import __version__
@@ -41,3 +42,23 @@ def write_text_atomic(path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def agree_on_write(accelerator: Any, error: OSError | None, what: str, cleanup: Any = None) -> None:
+    """After every process tried to write its part of ``what``: when any failed, all of them raise
+    the same ``StorageError`` (none is left waiting for another that gave up) and the main process
+    runs ``cleanup`` (removing the partial output)."""
+    import torch
+
+    from seg_accel.errors import StorageError
+
+    failed = torch.tensor([1.0 if error is not None else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(failed, reduction="sum")
+    if failed.item() == 0:
+        return
+    if accelerator.is_main_process and cleanup is not None:
+        cleanup()
+    reason = f"{error.strerror or error} ({error.filename})" if error is not None and error.filename else \
+        str(error.strerror or error) if error is not None else "another process could not write its part"
+    raise StorageError(f"could not write {what}: {reason}")

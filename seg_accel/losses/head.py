@@ -149,8 +149,11 @@ class HeadLosses(nn.Module):
         return len(self.logged_only()) < len(self.losses)
 
     def pixel_losses(self, logits_nchw: torch.Tensor, labels_nhw: torch.Tensor) -> torch.Tensor:
-        """Sum of the losses' unreduced per-pixel values (for OHEM without thresh)."""
-        return sum(m.pixel_loss(logits_nchw, labels_nhw, self.ignore_index) for m in self.losses)
+        """Sum of the losses' unreduced per-pixel values times their ``loss_weight`` (for OHEM without
+        thresh: MMSegmentation ranks pixels by the sum of each loss's ``reduction='none'`` output,
+        which includes its ``loss_weight``)."""
+        return sum(getattr(m, "loss_weight", 1.0) * m.pixel_loss(logits_nchw, labels_nhw, self.ignore_index)
+                   for m in self.losses)
 
     def forward(self, logits_nchw: torch.Tensor, labels_nhw: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         logits = resize_logits(logits_nchw, labels_nhw.shape[-2:], self.align_corners).float()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -147,7 +146,7 @@ class FailOnRank(Hook):
 '''
 
 
-def run_with_fault(tmp_path: Path, **hook) -> tuple[subprocess.CompletedProcess, float]:
+def run_with_fault(tmp_path: Path, **hook) -> subprocess.CompletedProcess:
     (tmp_path / "fault_hooks.py").write_text(FAULT_HOOKS)
     timeout = hook.pop("timeout", 20)
     cfg = tiny_config(custom_imports={"imports": ["fault_hooks"]},
@@ -155,10 +154,11 @@ def run_with_fault(tmp_path: Path, **hook) -> tuple[subprocess.CompletedProcess,
     cfg["runner"]["max_iters"] = 50
     cfg["dist_timeout"] = timeout
     path = write_yaml(tmp_path / "exp.yaml", cfg)
-    started = time.monotonic()
-    proc = accelerate_launch([str(REPO / "scripts/train.py"), str(path), "--work-dir", str(tmp_path / "work")],
+    # The limit that matters is the launch's timeout: 120 s, generous for a loaded machine, and far
+    # below the hang (300 s) that the timeout test plants: a run that ends before it was stopped
+    # by the failure (or by dist_timeout), not by the planted hang finishing.
+    return accelerate_launch([str(REPO / "scripts/train.py"), str(path), "--work-dir", str(tmp_path / "work")],
                              cwd=tmp_path, timeout=120)
-    return proc, time.monotonic() - started
 
 
 def alive(pid: int) -> bool:
@@ -170,9 +170,9 @@ def alive(pid: int) -> bool:
 
 
 def test_a_failing_process_stops_every_process_and_its_error_is_shown_once(tmp_path):
-    proc, seconds = run_with_fault(tmp_path)
+    proc = run_with_fault(tmp_path)
     output = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and seconds < 60, (seconds, output[-3000:])
+    assert proc.returncode != 0, output[-3000:]
     pids = [int((tmp_path / f"pid_{rank}").read_text()) for rank in (0, 1)]
     assert not any(alive(pid) for pid in pids)  # nothing left running
     assert output.count("RuntimeError: planted failure on rank 1 at iteration 5") == 1, output[-4000:]
@@ -185,9 +185,9 @@ def test_a_failing_process_stops_every_process_and_its_error_is_shown_once(tmp_p
 
 
 def test_a_hanging_process_fails_the_run_after_dist_timeout(tmp_path):
-    proc, seconds = run_with_fault(tmp_path, hang=300, timeout=5)
+    proc = run_with_fault(tmp_path, hang=300, timeout=5)
     output = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and seconds < 60, (seconds, output[-3000:])
+    assert proc.returncode != 0, output[-3000:]
     assert "dist_timeout: a collective operation fails after 5 s" in output
     assert "error: process 0 of 2: stopped: a collective operation timed out" in output, output[-3000:]
     pids = [int((tmp_path / f"pid_{rank}").read_text()) for rank in (0, 1)]

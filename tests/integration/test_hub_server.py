@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -145,10 +144,9 @@ def test_stopped_server_gives_connection_errors(hub_server: HubServer, monkeypat
     waits: list[float] = []  # the client retries a failed preupload 5 times, waiting 1+2+4+8+8 s
     monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=waits.append))
 
-    started = time.monotonic()
     with pytest.raises(httpx2.ConnectError):
         api.upload_file(path_or_fileobj=b"hello", path_in_repo="hello.txt", repo_id=MODEL)
-    assert time.monotonic() - started < 10 and len(waits) == 5
+    assert len(waits) == 5  # the client's retries, none slept (their time says nothing here)
 
     assert hub_server.start() == url
     api.upload_file(path_or_fileobj=b"hello", path_in_repo="hello.txt", repo_id=MODEL)
