@@ -6,14 +6,16 @@ This is a test fixture only; nothing in ``seg_accel`` may import it. The real, u
 ``hub_server`` pytest fixture at the end of this module does all of that.
 
 The server itself uses the standard library only. It holds model and dataset repositories
-with a single branch, ``main``; a revision is either ``main`` or the current commit sha of
-the repo. Files are stored on disk by path under ``<root>/<repo_type>s/<namespace>/<name>/``,
+with a branch ``main`` and the branches created through the API; a revision is a branch
+name or the current commit sha of a branch. Files are stored on disk by path under ``<root>/<repo_type>s/<namespace>/<name>/``,
 Git LFS objects under ``<root>/lfs/<sha256>``. Endpoints (``{type}s`` is ``models`` or
 ``datasets``; ``[datasets/]`` prefixes the URLs of dataset repos):
 
 * ``GET  /api/whoami-v2``
 * ``POST /api/repos/create``: 409 (with the repo ``url``) when it exists, so ``exist_ok`` works
 * ``POST /api/validate-yaml``: called for ``README.md`` uploads; every card is valid
+* ``POST /api/{type}s/{repo_id}/branch/{branch}``: a branch from ``main`` (or ``startingPoint``);
+  409 when it exists, so ``exist_ok`` works
 * ``GET  /api/{type}s/{repo_id}[/revision/{rev}]``: repo info with ``sha`` and ``siblings``
   (``blobs=true`` adds sizes and LFS metadata)
 * ``GET  /api/{type}s/{repo_id}/tree/{rev}[/{path}]``: ``recursive`` and ``expand`` options,
@@ -216,7 +218,8 @@ class HubServer:
         self.user = user
         self.requests_log: list[tuple[str, str]] = []
         self._lock = threading.RLock()
-        self._repos: dict[tuple[str, str], _Repo] = {}
+        self._repos: dict[tuple[str, str], _Repo] = {}  # main
+        self._branches: dict[tuple[str, str, str], _Repo] = {}  # other branches: their own files and head
         self._upload_tickets: dict[str, tuple[str, int]] = {}  # LFS oid -> (ticket, size) of its upload URL
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -299,13 +302,36 @@ class HubServer:
             return url
 
     def _repo(self, repo_type: str, repo_id: str, revision: str | None = None) -> _Repo:
-        """The repo, checking that ``revision`` (if given) is ``main`` or its current commit."""
+        """The repo's branch named by ``revision`` (a branch name or a branch's current commit;
+        ``main`` when not given)."""
         repo = self._repos.get((repo_type, repo_id))
         if repo is None:
             raise HubError(404, "Repository not found", "RepoNotFound")
-        if revision is not None and revision not in ("main", repo.head.oid):
-            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        return repo
+        if revision is None or revision in ("main", repo.head.oid):
+            return repo
+        for (kind, name, branch), view in self._branches.items():
+            if (kind, name) == (repo_type, repo_id) and revision in (branch, view.head.oid):
+                return view
+        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+
+    def create_branch(self, repo_type: str, repo_id: str, branch: str, starting_point: str | None) -> None:
+        """A new branch with the files and head of ``starting_point`` (default ``main``)."""
+        with self._lock:
+            source = self._repo(repo_type, repo_id, starting_point)
+            if branch == "main" or (repo_type, repo_id, branch) in self._branches:
+                raise HubError(409, f"Branch {branch} already exists")
+            if not _NAME.fullmatch(branch):
+                raise HubError(400, f"Invalid branch name {branch!r}")
+            folder = source.folder.parent / f"{source.folder.name}@{branch}"
+            shutil.copytree(source.folder, folder)
+            self._branches[repo_type, repo_id, branch] = _Repo(repo_type, repo_id, folder, source.private,
+                                                               source.created_at, source.head, dict(source.files))
+
+    def branch_files(self, repo_id: str, branch: str, repo_type: str = "model") -> dict[str, bytes]:
+        """The files of a branch at its current commit, by path."""
+        with self._lock:
+            repo = self._repo(repo_type, repo_id, branch)
+            return {path: (repo.folder / path).read_bytes() for path in sorted(repo.files)}
 
     def repo_info(self, repo_type: str, repo_id: str, revision: str | None, blobs: bool) -> dict:
         """Repo info; ``blobs`` adds size, blob id and LFS metadata to the siblings."""
@@ -544,6 +570,7 @@ _ROUTES = [(method, re.compile(pattern), name) for method, pattern, name in [
     (("POST",), _API_REPO + r"/paths-info/(?P<revision>[^/]+)", "paths_info"),
     (("POST",), _API_REPO + r"/preupload/(?P<revision>[^/]+)", "preupload"),
     (("POST",), _API_REPO + r"/commit/(?P<revision>[^/]+)", "commit"),
+    (("POST",), _API_REPO + r"/branch/(?P<branch>[^/]+)", "create_branch"),
     (("POST",), _WEB_REPO + r"\.git/info/lfs/objects/batch", "lfs_batch"),
     (("PUT",), r"/lfs/upload/(?P<oid>[0-9a-f]{64})/(?P<ticket>[0-9a-f]+)", "lfs_upload"),
     (("POST",), r"/lfs/verify/(?P<oid>[0-9a-f]{64})", "lfs_verify"),
@@ -650,6 +677,12 @@ class _Handler(BaseHTTPRequestHandler):
         private = payload.get("visibility", "public") == "private" or bool(payload.get("private"))
         url = self.hub.create_repo(repo_type, payload["name"], payload.get("organization"), private)
         self._send_json({"url": url})
+
+    def _create_branch(self, repo_type: str, repo_id: str, branch: str) -> None:
+        self._require_token()
+        payload = self._json_body() if self.body_pending else {}
+        self.hub.create_branch(repo_type, repo_id, branch, payload.get("startingPoint"))
+        self._send_json({})
 
     def _validate_yaml(self) -> None:
         self._json_body()

@@ -1,6 +1,7 @@
 """The dataset base class: read a sample, check it, run the pipeline, hand tensors to the loader."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,38 @@ from torch.utils.data import Dataset
 
 from seg_accel.data.transforms import build_pipeline
 from seg_accel.errors import ConfigError, DataError
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of 16/32-bit and float images
+
+
+def image_to_rgb8(image: Any) -> tuple[np.ndarray, str | None]:
+    """An image (PIL or array) as ``(H, W, 3)`` uint8 RGB, and a note when its values had to be
+    scaled: a 16-bit image becomes ``round(value / 257)`` (its full range onto 0..255; PIL's
+    ``convert("RGB")`` would clip it and leave most pixels white), a float image in [0, 1] is
+    times 255."""
+    note = None
+    if hasattr(image, "mode"):  # PIL
+        if image.mode not in HIGH_DEPTH_MODES:
+            return np.array(image.convert("RGB")), None
+        image = np.array(image)
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating):
+            top = float(np.nanmax(array)) if array.size else 0.0
+            array = np.nan_to_num(array) * (255.0 if top <= 1.0 else 1.0)
+            note = "float images are scaled to 8 bits" + (" (value x 255)" if top <= 1.0 else " (clipped to 0..255)")
+        elif array.size and array.max() > 255:
+            array = array.astype(np.float64) / 257.0
+            note = "16-bit images are scaled to 8 bits (value / 257)"
+        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    elif array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.shape[2] == 4:
+        array = array[..., :3]
+    return array, note
 
 
 def label_lookup(label_map: dict[int, int] | None, reduce_zero_label: bool) -> np.ndarray | None:
@@ -81,6 +114,15 @@ class SegDataset(Dataset):
 
     def where(self, index: int) -> str:
         return f"{self.key} ({self.describe(index)}), index {index}"
+
+    def rgb8(self, image: Any) -> np.ndarray:
+        """``image_to_rgb8``, saying once per dataset (and process) when images are scaled."""
+        array, note = image_to_rgb8(image)
+        if note is not None and not getattr(self, "_scaling_said", False):
+            self._scaling_said = True
+            logging.getLogger("seg_accel").warning("%s: %s; convert the images yourself for another mapping",
+                                                   self.key, note)
+        return array
 
     def check(self, index: int, img: np.ndarray, label: np.ndarray) -> np.ndarray:
         """The checked label map (after ``label_map``/``reduce_zero_label``)."""

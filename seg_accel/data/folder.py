@@ -111,4 +111,4 @@ class CustomDataset(SegDataset):
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         img_path, ann_path = self.paths(index)
         with Image.open(img_path) as img, Image.open(ann_path) as label:
-            return np.array(img.convert("RGB")), np.array(label)
+            return self.rgb8(img), np.array(label)

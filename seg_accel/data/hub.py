@@ -40,14 +40,6 @@ def decode_cell(cell: Any, base_dir: str | None = None) -> np.ndarray:
     raise ValueError(f"not an image: {type(cell).__name__}")
 
 
-def to_rgb(array: np.ndarray) -> np.ndarray:
-    if array.ndim == 2:
-        return np.repeat(array[..., None], 3, axis=2)
-    if array.shape[2] == 4:
-        return array[..., :3]
-    return array
-
-
 def _is_local(path: str) -> bool:
     return os.path.isdir(path)
 
@@ -192,7 +184,8 @@ class HubDataset(SegDataset):
         return f"{source}, split {self.split}, row {index}"
 
     def decode_row(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        return to_rgb(decode_cell(row[self.image_column], self.base_dir)), decode_cell(row[self.label_column], self.base_dir)
+        return self.rgb8(decode_cell(row[self.image_column], self.base_dir)), \
+            decode_cell(row[self.label_column], self.base_dir)
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if self.streaming:

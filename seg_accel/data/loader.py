@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from seg_accel.errors import DataError
 
 logger = logging.getLogger("seg_accel")
 
@@ -81,15 +84,20 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+class MixedSizesError(DataError, ValueError):
+    """Samples of one batch that cannot be stacked (a data problem, named as one)."""
+
+
+def collate(samples: list[dict[str, Any]], key: str = "data") -> dict[str, Any]:
     """Tensors stacked; per sample ``epochs`` and ``repeated`` (a repeat that evens out the
     processes), and ``skipped`` ((epoch, reason) of bad samples), as bookkeeping for the trainer."""
-    shapes = {tuple(s["pixel_values"].shape) for s in samples}
-    label_shapes = {tuple(s["labels"].shape) for s in samples}
-    if len(shapes) > 1 or len(label_shapes) > 1:
-        raise ValueError(
-            f"samples in one batch have different sizes {sorted(shapes | label_shapes)}; give the pipeline a "
-            "fixed output size (RandomCrop + Pad) or use samples_per_gpu: 1"
+    sizes = {tuple(s["pixel_values"].shape[-2:]) for s in samples} | {tuple(s["labels"].shape[-2:]) for s in samples}
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
+        raise MixedSizesError(
+            f"{key}: the samples of one batch have different sizes (h x w: {shown}, indices "
+            f"{[s['index'] for s in samples]}), so they cannot be stacked. Give {key}.pipeline a fixed output size "
+            "(a RandomCrop no larger than the smallest image, then a Pad to the crop size) or use samples_per_gpu: 1"
         )
     return {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
@@ -126,7 +134,7 @@ def build_train_loader(
         stream = ShardStream(dataset, rank, world_size, seed, shuffle, buffer_size, samples_per_gpu,
                              start_samples=start)
         workers = usable_workers(len(dataset.shards), world_size, workers_per_gpu)
-        return StreamBatches(stream, samples_per_gpu, workers, collate, pin_memory)
+        return StreamBatches(stream, samples_per_gpu, workers, partial(collate, key=getattr(dataset, "key", "data")), pin_memory)
     sampler = InfiniteShardedSampler(len(dataset), rank, world_size, seed, shuffle=shuffle, start=start)
     gen = torch.Generator().manual_seed(seed + rank)
     return DataLoader(
@@ -134,7 +142,7 @@ def build_train_loader(
         batch_size=samples_per_gpu,
         sampler=sampler,
         num_workers=workers_per_gpu,
-        collate_fn=collate,
+        collate_fn=partial(collate, key=getattr(dataset, "key", "data")),
         pin_memory=pin_memory,
         drop_last=True,
         persistent_workers=workers_per_gpu > 0,
@@ -153,13 +161,13 @@ def build_val_loader(
         stream = ShardStream(dataset, rank, world_size, seed=0, shuffle=False, batch_size=samples_per_gpu,
                              epochs=1, pad=False)
         workers = usable_workers(len(dataset.shards), world_size, workers_per_gpu)
-        return StreamBatches(stream, samples_per_gpu, workers, collate, pin_memory)
+        return StreamBatches(stream, samples_per_gpu, workers, partial(collate, key=getattr(dataset, "key", "data")), pin_memory)
     return DataLoader(
         dataset,
         batch_size=samples_per_gpu,
         sampler=ShardSampler(len(dataset), rank, world_size),
         num_workers=workers_per_gpu,
-        collate_fn=collate,
+        collate_fn=partial(collate, key=getattr(dataset, "key", "data")),
         pin_memory=pin_memory,
         worker_init_fn=_seed_worker,
     )

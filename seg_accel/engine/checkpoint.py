@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from seg_accel import __version__
 from seg_accel.engine.manifest import MANIFEST, verify, write_manifest
-from seg_accel.engine.workdir import agree_on_write
+from seg_accel.engine.workdir import WRITE_ERRORS, agree_on_write
 from seg_accel.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ class Checkpointer:
                 meta = {"iter": state["iter"], "epoch": state["epoch"], "optimizer_steps": state["optimizer_steps"],
                         "save_optimizer": save_optimizer, "seg_accel": __version__}
                 (tmp / META).write_text(json.dumps(meta, indent=2))
-        except OSError as exc:
+        except WRITE_ERRORS as exc:  # safetensors and torch.save wrap ENOSPC in their own errors
             error = exc
         finally:
             acc._optimizers = optimizers
@@ -131,7 +131,7 @@ class Checkpointer:
         acc.wait_for_everyone()
         return path
 
-    def _agree(self, error: OSError | None, name: str, tmp: Path) -> None:
+    def _agree(self, error: BaseException | None, name: str, tmp: Path) -> None:
         agree_on_write(self.accelerator, error, f"checkpoint {name} in {self.folder} (the previous checkpoints are "
                        "untouched)", cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True))
 
@@ -188,6 +188,10 @@ class Checkpointer:
                            "afresh", path)
         try:
             acc.load_state(str(path))
+        except (RuntimeError, ValueError, OSError, EOFError) as exc:  # incl. pickle's refusals (weights_only)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ConfigError(f"checkpoint {path.name} cannot be loaded: {type(exc).__name__}: {first[:300]}",
+                              key=key) from exc
         finally:
             acc._optimizers = optimizers
         self.state.load_state_dict(json.loads((path / RUNNER_STATE).read_text()))
@@ -208,7 +212,14 @@ def _check_rng_file(path: Path, key: str) -> None:
 
 
 def _age(path: Path) -> tuple[int, bool]:
-    return json.loads((path / META).read_text())["iter"], not path.name.startswith("best_")
+    """(iteration, not a best one): newest last. A damaged meta.json falls back to the number in
+    the name (the manifest check tells whether the checkpoint can be used)."""
+    try:
+        iteration = int(json.loads((path / META).read_text())["iter"])
+    except (OSError, ValueError, KeyError, TypeError):
+        numbers = re.findall(r"\d+", path.name)
+        iteration = int(numbers[-1]) if numbers else -1
+    return iteration, not path.name.startswith("best_")
 
 
 def is_complete(path: Path) -> bool:

@@ -35,10 +35,12 @@ def collect_confusion(
     threshold: float | None = None,
     inferencer: Inferencer | None = None,
     on_batch: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
+    skipped: list[str] | None = None,
 ) -> torch.Tensor:
     """This process's confusion matrix over its shard of ``loader``: scores at each original
     label size (``inferencer``: whole image by default), class ids, ``bincount``.
-    ``on_batch(batch, predictions)`` sees every batch (visualisation)."""
+    ``on_batch(batch, predictions)`` sees every batch (visualisation); ``skipped`` collects
+    the bad samples that ``skip_bad_samples`` replaced (their stand-ins count no pixel)."""
     inferencer = inferencer or Inferencer(None, align_corners, autocast, threshold)
     was_training = model.training
     model.eval()
@@ -49,6 +51,8 @@ def collect_confusion(
             labels = batch["labels"].to(device, non_blocking=True)
             pred = inferencer.predict(inferencer.scores(model, pixel_values, labels.shape[-2:]))
             cm += confusion_matrix(pred, labels, num_classes, ignore_index)
+            if skipped is not None:
+                skipped += [reason for _, reason in batch.get("skipped", [])]
             if on_batch is not None:
                 on_batch(batch, pred)
     finally:
@@ -76,15 +80,22 @@ def evaluate_model(accelerator: Any, model: torch.nn.Module, loader: DataLoader,
                    on_batch: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
                    ) -> tuple[torch.Tensor, dict[str, Any]]:
     """(confusion matrix summed over every process, metrics); identical for any number of
-    processes. The per-class table is logged."""
+    processes. The per-class table is logged, and the bad samples skipped (each process's).
+    ``results["skipped"]`` counts those of all processes."""
+    skipped: list[str] = []
     cm = collect_confusion(accelerator.unwrap_model(model), loader, len(classes), ignore_index,
                            device=accelerator.device, show_progress=accelerator.is_main_process,
-                           inferencer=inferencer, on_batch=on_batch)
+                           inferencer=inferencer, on_batch=on_batch, skipped=skipped)
+    if skipped:
+        logger.warning("evaluation: process %d skipped %d bad sample(s), not counted: %s", accelerator.process_index,
+                       len(skipped), "; ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
+    count = torch.tensor([len(skipped)], device=accelerator.device)
     if accelerator.num_processes > 1:
         cm = accelerator.reduce(cm, reduction="sum")
+        count = accelerator.reduce(count, reduction="sum")
     results = metrics_from_confusion(cm, metrics)
     logger.info("per-class results:\n%s", format_table(classes, results["per_class"]))
-    return cm, results
+    return cm, {**results, "skipped": int(count.item())}
 
 
 def eval_record(results: dict[str, Any], classes: list[str]) -> dict[str, Any]:
@@ -115,6 +126,7 @@ class Evaluator:
         broadcast_norm_buffers(acc, self.model)
         cm, results = evaluate_model(acc, self.model, self.loader, self.classes, self.ignore_index,
                                      self.inferencer, metrics)
+        skipped = results.pop("skipped")
         self.log.emit({"mode": "val", "epoch": epoch, "iter": iteration, **eval_record(results, self.classes)})
         error = None
         if acc.is_main_process:
@@ -123,7 +135,7 @@ class Evaluator:
                 "metrics": {k: v for k, v in results.items() if k != "per_class"},
                 "per_class": {c: dict(zip(self.classes, v)) for c, v in results["per_class"].items()},
                 "confusion_matrix": cm.cpu().tolist(), "classes": self.classes,
-                "num_processes": acc.num_processes,
+                "num_processes": acc.num_processes, "skipped_samples": skipped,
             }
             try:
                 write_text_atomic(self.results_file, json.dumps(payload, indent=2))

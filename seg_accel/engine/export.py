@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from seg_accel.engine.workdir import agree_on_write
+from seg_accel.engine.workdir import WRITE_ERRORS, agree_on_write
 from seg_accel.models import export_model
 
 logger = logging.getLogger("seg_accel")
@@ -47,7 +47,7 @@ class Exporter:
                 if folder.exists():
                     shutil.rmtree(folder)
                 tmp.rename(folder)
-            except OSError as exc:
+            except WRITE_ERRORS as exc:  # safetensors and torch.save wrap ENOSPC in their own errors
                 error = exc
         agree_on_write(acc, error, f"the export {folder} (nothing else was touched)",
                        cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True))

@@ -5,9 +5,12 @@ import datetime
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    import torch
 
 LOGGER_NAME = "seg_accel"
 
@@ -20,6 +23,26 @@ class _TqdmHandler(logging.StreamHandler):
             tqdm.write(self.format(record), file=sys.stdout)
         except Exception:  # logging must never kill training; let logging report it
             self.handleError(record)
+
+
+class _LogFileHandler(logging.FileHandler):
+    """The run's log file. When it cannot be written any more (a full disk), it stops trying:
+    the console keeps every line, and the error that ends the run says what happened, instead
+    of a logging traceback per line."""
+
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.broken:
+            return
+        try:
+            super().emit(record)
+            self.flush()
+        except OSError:
+            self.broken = True
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.broken = True
 
 
 def setup_logging(work_dir: str | Path | None, is_main: bool, timestamp: str | None = None) -> str:
@@ -36,7 +59,7 @@ def setup_logging(work_dir: str | Path | None, is_main: bool, timestamp: str | N
     logger.addHandler(console)
     timestamp = timestamp or datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     if is_main and work_dir is not None:
-        file_handler = logging.FileHandler(Path(work_dir) / f"{timestamp}.log")
+        file_handler = _LogFileHandler(Path(work_dir) / f"{timestamp}.log")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(file_handler)
     return timestamp
@@ -49,10 +72,12 @@ class IntervalMeter:
     """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float | torch.Tensor] = {}
+        self.sums: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
 
     def update(self, values: dict[str, float | torch.Tensor]) -> None:
+        import torch  # here: error reporting imports this module and must stay light
+
         for key, value in values.items():
             value = value.detach().float() if torch.is_tensor(value) else float(value)
             self.sums[key] = self.sums[key] + value if key in self.sums else value

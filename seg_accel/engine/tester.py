@@ -186,6 +186,8 @@ def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metr
     cm, results = evaluate_model(acc, model, loader, list(cfg.classes), cfg.ignore_index, inferencer, metrics,
                                  on_batch=overlays)
     seconds = time.perf_counter() - start
+    skipped = results.pop("skipped")
+    images = len(dataset) - skipped
     if acc.is_main_process:
         summary = {k: v for k, v in results.items() if k != "per_class"}
         logger.info("%s", "  ".join(f"{k}: {v:.2f}" for k, v in summary.items()))
@@ -197,8 +199,9 @@ def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metr
             "checkpoint": str(checkpoint),
             "split": split,
             "test_cfg": dataclasses.asdict(inferencer.test_cfg),
-            "timings": {"seconds": seconds, "images": len(dataset), "seconds_per_image": seconds / max(len(dataset), 1),
+            "timings": {"seconds": seconds, "images": images, "seconds_per_image": seconds / max(images, 1),
                         "processes": acc.num_processes},
+            "skipped_samples": skipped,
             "config": json.loads(json.dumps(raw_cfg.dict, default=str)),
         }
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -208,4 +211,5 @@ def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metr
         if show_dir is not None:
             logger.info("overlays (prediction | ground truth) in %s", show_dir)
     acc.wait_for_everyone()
+    acc.end_training()  # the process group destroyed: a clean exit under a launcher
     return results

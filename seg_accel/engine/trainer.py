@@ -330,8 +330,7 @@ class Trainer:
                     self.call_hook("after_train_epoch")
         self.epoch_log.finish()
         self.call_hook("after_run")
-        if self.trackers:
-            acc.end_training()
+        acc.end_training()  # trackers finished, the process group destroyed (a clean exit under a launcher)
         return self.evaluator.latest if self.evaluator is not None else None
 
     @torch.no_grad()

@@ -44,7 +44,25 @@ def write_text_atomic(path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def agree_on_write(accelerator: Any, error: OSError | None, what: str, cleanup: Any = None) -> None:
+def _write_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, RuntimeError, ValueError, SafetensorError)
+
+
+WRITE_ERRORS = _write_errors()  # what a failed write of weights raises (torch.save: RuntimeError)
+
+
+def write_failure(exc: BaseException) -> str:
+    """What a failed write says, in one line: an OSError's reason and file; safetensors' and
+    torch's own errors (which wrap "No space left on device") by their first line."""
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc.strerror or exc)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first.removeprefix("Error while serializing: ")
+
+
+def agree_on_write(accelerator: Any, error: BaseException | None, what: str, cleanup: Any = None) -> None:
     """After every process tried to write its part of ``what``: when any failed, all of them raise
     the same ``StorageError`` (none is left waiting for another that gave up) and the main process
     runs ``cleanup`` (removing the partial output)."""
@@ -59,6 +77,5 @@ def agree_on_write(accelerator: Any, error: OSError | None, what: str, cleanup: 
         return
     if accelerator.is_main_process and cleanup is not None:
         cleanup()
-    reason = f"{error.strerror or error} ({error.filename})" if error is not None and error.filename else \
-        str(error.strerror or error) if error is not None else "another process could not write its part"
-    raise StorageError(f"could not write {what}: {reason}")
+    reason = write_failure(error) if error is not None else "another process could not write its part"
+    raise StorageError(f"could not write {what}: {reason}") from error

@@ -107,7 +107,7 @@ def publish(path: Path, repo_id: str, private: bool | None = None, revision: str
             if (source.work_dir / RUN_INFO).is_file():
                 info = json.loads((source.work_dir / RUN_INFO).read_text())
         folder = stage_push(Path(scratch) / "push", repo_id, source.export_dir, source.work_dir, evaluation, info)
-        pusher = HubPusher(repo_id, private, revision, retries, retry_wait)
+        pusher = HubPusher(repo_id, private, revision, retries, retry_wait, during_training=False)
         pusher.submit(source.name, folder, commit_message or f"seg-accel: {source.name}")
         pusher.close()
         return not pusher.failed

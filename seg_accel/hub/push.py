@@ -92,8 +92,9 @@ def stage_push(
     if work_dir is not None:
         config_file = work_dir / CONFIG_FILE
         if config_file.is_file():
-            shutil.copy2(config_file, staging / TRAINING_CONFIG)
-            cfg = yaml.safe_load(config_file.read_text()) or {}
+            cfg = without_local_paths(yaml.safe_load(config_file.read_text()) or {}, work_dir)
+            (staging / TRAINING_CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None,
+                                                                  width=100))
         logs = sorted(work_dir.glob("*.log.json"))
         if logs:
             (staging / "logs").mkdir()
@@ -110,6 +111,28 @@ def stage_push(
     return staging
 
 
+def without_local_paths(value: Any, work_dir: Path) -> Any:
+    """The config as it may leave the machine: an absolute path inside the work dir becomes
+    relative to it (the work dir itself ``.``), any other absolute path its file name."""
+    if isinstance(value, dict):
+        return {k: without_local_paths(v, work_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(v, work_dir) for v in value]
+    if isinstance(value, str) and value.startswith(("/", "~")) and len(value) > 1:
+        path, root = Path(value).expanduser(), Path(work_dir).resolve()
+        try:
+            return Path(path.resolve().relative_to(root)).as_posix() or "."
+        except ValueError:
+            return path.name
+    return value
+
+
+def redact(text: str, token: str | None = None) -> str:
+    """``text`` without the access token (commit messages and other strings sent to the Hub)."""
+    token = token if token is not None else current_token()
+    return text.replace(token, REDACTED) if token and len(token) >= 8 else text
+
+
 def _retryable(exc: Exception) -> bool:
     """Client errors other than rate limits (401 bad token, 403 no rights, 404, 422) will fail
     again: no retry."""
@@ -122,10 +145,11 @@ class HubPusher:
     """Uploads staged folders to one repo from a single background thread."""
 
     def __init__(self, repo_id: str, private: bool | None = None, revision: str | None = None,
-                 retries: int = 3, retry_wait: float = 5.0, max_waiting: int = 3):
+                 retries: int = 3, retry_wait: float = 5.0, max_waiting: int = 3, during_training: bool = True):
         from huggingface_hub import HfApi
 
         self.repo_id, self.private, self.revision = repo_id, private, revision
+        self.during_training = during_training  # what a failure message says comes next
         self.retries, self.retry_wait, self.max_waiting = retries, retry_wait, max_waiting
         self.api = HfApi()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg-accel-hub")
@@ -150,7 +174,7 @@ class HubPusher:
                     self.dropped.append(old_name)
                     logger.warning("hub: push of %s dropped: %d newer pushes are waiting (uploads are slower than "
                                    "the checkpoints; raise checkpoint_config.interval)", old_name, self.max_waiting)
-            future = self._executor.submit(self._push, name, folder, message)
+            future = self._executor.submit(self._push, name, folder, redact(message))
             self._pending.append((name, folder, future))
         return future
 
@@ -182,9 +206,13 @@ class HubPusher:
                         time.sleep(wait)
                         continue
                     self.failed.append(name)
-                    logger.warning("hub: push of %s to %s failed after %d attempt(s): %s. Training goes on; the "
-                                   "files are still in the work dir (push them later with scripts/push_to_hub.py)",
-                                   name, self.repo_id, attempt, reason)
+                    status = getattr(getattr(exc, "response", None), "status_code", None)
+                    hint = (" (no valid access token: set HF_TOKEN or run `hf auth login`, with write access to "
+                            f"{self.repo_id})") if status == 401 else ""
+                    after = (". Training goes on; the files are still in the work dir (push them later with "
+                             "`seg-accel push WORK_DIR REPO_ID`)") if self.during_training else ""
+                    logger.warning("hub: push of %s to %s failed after %d attempt(s): %s%s%s", name, self.repo_id,
+                                   attempt, redact(reason), hint, after)
                     return None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
