@@ -330,6 +330,7 @@ class Trainer:
                     self.call_hook("after_train_epoch")
         self.epoch_log.finish()
         self.call_hook("after_run")
+        acc.wait_for_everyone()  # no process is inside a collective when the group goes away
         acc.end_training()  # trackers finished, the process group destroyed (a clean exit under a launcher)
         return self.evaluator.latest if self.evaluator is not None else None
 
