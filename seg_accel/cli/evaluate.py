@@ -132,7 +132,7 @@ def _launch(args: argparse.Namespace, config: str, weights: str) -> int:
         argv += ["--cfg-options", *args.cfg_options]
     return launch("seg_accel.evaluate", argv,
                   launch_arguments(args.num_processes, args.config_file, args.main_process_port),
-                  lambda: "interrupted: every process stopped")
+                  lambda: "interrupted: every process stopped", args.num_processes)
 
 
 def evaluate_cli(argv: Sequence[str] | None = None, prog: str | None = None) -> int:

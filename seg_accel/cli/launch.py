@@ -79,10 +79,14 @@ def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
         return
 
 
-def launch(module: str, argv: list[str], launch_args: list[str], on_interrupt: Callable[[], str]) -> int:
-    """``python -m accelerate.commands.launch <launch_args> -m <module> <argv>``; returns its exit code."""
+def launch(module: str, argv: list[str], launch_args: list[str], on_interrupt: Callable[[], str],
+           num_processes: int | None = None) -> int:
+    """``python -m accelerate.commands.launch <launch_args> -m <module> <argv>``; returns its exit code.
+    The processes get the thread budget (torchrun would give each 1 thread whatever the cores)."""
+    from seg_accel.engine.threads import launcher_environment
+
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", module, *argv]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **launcher_environment(num_processes)}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     pumps = [_Pump(proc.stdout, sys.stdout.buffer), _Pump(proc.stderr, sys.stderr.buffer)]
     for pump in pumps:

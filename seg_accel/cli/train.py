@@ -108,7 +108,7 @@ def _launch(args: argparse.Namespace) -> int:
 
     return launch("seg_accel.train", child_arguments(args),
                   launch_arguments(args.num_processes, args.config_file, args.main_process_port),
-                  lambda: interrupted_message(args))
+                  lambda: interrupted_message(args), args.num_processes)
 
 
 def child_arguments(args: argparse.Namespace) -> list[str]:

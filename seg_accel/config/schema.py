@@ -348,6 +348,7 @@ class TrainConfig:
     work_dir: str | None = None
     seed: int = 0
     deterministic: bool = False  # deterministic algorithms (cuDNN, torch.use_deterministic_algorithms)
+    torch_threads: int | None = None  # torch threads per process (null: OMP_NUM_THREADS, else cores / processes)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     gradient_accumulation_steps: int = 1
     find_unused_parameters: bool | None = None
@@ -376,6 +377,8 @@ class TrainConfig:
     def validate(self, key: str | None) -> None:
         _positive(self.gradient_accumulation_steps, "gradient_accumulation_steps")
         _positive(self.skip_nonfinite_steps, "skip_nonfinite_steps", 0)
+        if self.torch_threads is not None:
+            _positive(self.torch_threads, "torch_threads")
         if self.dist_timeout is not None and not self.dist_timeout > 0:
             raise ConfigError(f"must be > 0 seconds (or null for PyTorch's default), got {self.dist_timeout}",
                               key="dist_timeout")

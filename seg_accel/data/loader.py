@@ -109,10 +109,24 @@ def collate(samples: list[dict[str, Any]], key: str = "data") -> dict[str, Any]:
     }
 
 
-def _seed_worker(worker_id: int) -> None:
-    # Transforms get their own per-sample seed; this only tames torch/numpy global RNGs in workers.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
+def worker_threads(worker_id: int = 0) -> None:
+    """In a DataLoader worker: one torch (and OpenCV) thread, whatever the training process has:
+    workers run beside each other and beside training, so threads inside each would only fight
+    for the same cores."""
+    torch.set_num_threads(1)
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+
+
+def worker_init(worker_id: int) -> None:
+    """``worker_threads``, and numpy's global RNG from torch's per-worker seed (the transforms have
+    their own per-sample seeds)."""
+    worker_threads(worker_id)
+    np.random.seed(torch.initial_seed() % 2**32)
 
 
 def build_train_loader(
@@ -146,7 +160,7 @@ def build_train_loader(
         pin_memory=pin_memory,
         drop_last=True,
         persistent_workers=workers_per_gpu > 0,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=worker_init,
         generator=gen,
     )
 
@@ -169,7 +183,7 @@ def build_val_loader(
         num_workers=workers_per_gpu,
         collate_fn=partial(collate, key=getattr(dataset, "key", "data")),
         pin_memory=pin_memory,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=worker_init,
     )
 
 

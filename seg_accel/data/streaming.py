@@ -295,8 +295,11 @@ class StreamBatches:
         self.stream, self.batch_size, self.collate = stream, batch_size, collate
         # its own generator: starting the loader must not draw from the global RNG (dropout uses it)
         generator = torch.Generator().manual_seed(stream.seed + stream.rank)
+        from seg_accel.data.loader import worker_threads
+
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                 persistent_workers=workers > 0 and stream.epochs is None, generator=generator)
+                                 persistent_workers=workers > 0 and stream.epochs is None, generator=generator,
+                                 worker_init_fn=worker_threads if workers > 0 else None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batch: list[dict[str, Any]] = []

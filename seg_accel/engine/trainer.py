@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from seg_accel.config.loader import Config
 from seg_accel.config.schema import TrainConfig
 from seg_accel.data import EpochBookkeeping, build_dataset, build_train_loader
-from seg_accel.engine import workdir
+from seg_accel.engine import threads, workdir
 from seg_accel.engine.checkpoint import Checkpointer, RunnerState, load_weights
 from seg_accel.engine.evaluation import Evaluator
 from seg_accel.engine.export import Exporter
@@ -73,6 +73,8 @@ class Trainer:
         acc.wait_for_everyone()
         timestamp = setup_logging(self.work_dir, acc.is_main_process)
         self.json_log_path = self.work_dir / f"{timestamp}.log.json"
+        self.threads = threads.decide(cfg.torch_threads, cfg.data.workers_per_gpu)
+        threads.apply(self.threads)
         # this run's config beside its log now; config.yaml (what the checkpoints are made with) only
         # once the run has started (a resume that fails must not replace it)
         self._config_text = raw_cfg.dump(work_dir=str(self.work_dir))

@@ -34,8 +34,9 @@ def installed(tmp_path_factory) -> Path:
     return venv
 
 
-def command(venv: Path, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = script_env()
+def command(venv: Path, *args: str, cwd: Path, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess:
+    env = {**script_env(), **extra}
+    env = {k: v for k, v in env.items() if v != ""}  # an empty value: not set
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
     return subprocess.run([str(venv / "bin" / "seg-accel"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -50,9 +51,14 @@ def test_pip_install_then_train_the_demo_on_two_processes_from_any_directory(ins
     elsewhere.mkdir(parents=True)
     proc = command(installed, "train", "configs/demo/segformer_synthetic.yaml", "--num-processes", "2",
                    "--cfg-options", "runner.max_iters=20", "data.val.num_samples=16", "log_config.interval=10",
-                   cwd=elsewhere)
+                   cwd=elsewhere, OMP_NUM_THREADS="")  # as a user starts it: no thread setting of our own
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "Iter [20/20]" in proc.stdout
+    from seg_accel.engine.threads import available_cores
+
+    budget = max(1, available_cores() // 2)  # the thread budget: the cores shared by the 2 processes
+    assert f"threads: 2 process(es) x {budget} torch thread(s) ({available_cores()} core(s) / 2 process(es))" \
+        in proc.stdout + proc.stderr
     work = elsewhere / "work_dirs" / "segformer_synthetic"
     assert (work / "final" / "model.safetensors").is_file() and (work / "eval_results.json").is_file()
     listed = command(installed, "list-configs", cwd=elsewhere)
@@ -148,3 +154,17 @@ def test_accelerate_launch_module_and_evaluating_a_work_dir(tmp_path):
                       "--out", str(tmp_path / "two.json")], cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two.json").read_text())["confusion_matrix"] == results["confusion_matrix"]
+
+
+@pytest.mark.multiprocess
+def test_the_users_omp_num_threads_is_kept(tmp_path):
+    cfg = tiny_config()
+    cfg["runner"]["max_iters"] = 2
+    cfg["data"]["val"] = None
+    path = write_yaml(tmp_path / "exp.yaml", cfg)
+    env = {**script_env(), "OMP_NUM_THREADS": "3"}
+    proc = subprocess.run([sys.executable, "-m", "seg_accel", "train", str(path), "--num-processes", "2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "threads: 2 process(es) x 3 torch thread(s) (OMP_NUM_THREADS set by you)" in output

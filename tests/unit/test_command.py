@@ -199,3 +199,46 @@ def test_the_readme_loss_example_trains(tmp_path, monkeypatch, fresh_accelerate)
     assert train(tmp_path, cfg) == 0
     records = [r for r in json_log(tmp_path / "work") if r["mode"] == "train"]
     assert len(records) == 4 and all(r["loss"] == r["decode.loss_scaled"] > 0 for r in records)
+
+
+def test_the_thread_budget(monkeypatch):
+    """2 processes on 2 cores: 1 torch thread each; the user's OMP_NUM_THREADS (marked by the
+    launcher) and torch_threads win; workers count toward the oversubscription warning."""
+    import os
+
+    from seg_accel.engine import threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    for name in ("OMP_NUM_THREADS", threads.USER_THREADS, threads.BUDGETED, "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert threads.decide(None, 0).threads == 2  # one process: every core
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    two = threads.decide(None, 0)
+    assert (two.threads, two.processes, two.cores, two.oversubscribed) == (1, 2, 2, False)
+    assert "2 process(es) x 1 torch thread(s) (2 core(s) / 2 process(es))" in two.describe()
+    assert threads.decide(None, 2).oversubscribed  # 2 x (1 + 2 workers) = 6 threads on 2 cores
+    monkeypatch.setenv(threads.USER_THREADS, "3")
+    assert threads.decide(None, 0).threads == 3 and threads.decide(None, 0).oversubscribed
+    assert threads.decide(1, 0).threads == 1  # torch_threads in the config comes first
+    # what `seg-accel train --num-processes 2` hands its processes
+    monkeypatch.delenv(threads.USER_THREADS)
+    assert threads.launcher_environment(2) == {"OMP_NUM_THREADS": "1", threads.BUDGETED: "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.launcher_environment(2) == {threads.USER_THREADS: "2"}  # the user's value is kept
+
+
+def test_dataloader_workers_run_one_thread(tmp_path):
+    from seg_accel.data import build_train_loader
+
+    class ThreadProbe(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, key):
+            return {"pixel_values": torch.zeros(3, 2, 2) + torch.get_num_threads(),
+                    "labels": torch.zeros(2, 2, dtype=torch.long), "index": key[0] if isinstance(key, tuple) else key}
+
+    torch.set_num_threads(2)
+    loader = build_train_loader(ThreadProbe(), 2, 1, 0, 1, 0)
+    batch = next(iter(loader))
+    assert batch["pixel_values"].flatten().unique().tolist() == [1.0]  # in the worker: 1 thread
