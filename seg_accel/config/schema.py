@@ -128,11 +128,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    samples_per_gpu: int | None = None
+    """``val_dataloader`` / ``test_dataloader``: the batch size per process (``auto``: images of
+    one size batched together, within a pixel budget) and the workers (null: ``workers_per_gpu``)."""
+
+    samples_per_gpu: int | Literal["auto"] | None = "auto"
     workers_per_gpu: int | None = None
 
     def validate(self, key: str) -> None:
-        if self.samples_per_gpu is not None:
+        if isinstance(self.samples_per_gpu, int):
             _positive(self.samples_per_gpu, f"{key}.samples_per_gpu")
         if self.workers_per_gpu is not None:
             _positive(self.workers_per_gpu, f"{key}.workers_per_gpu", 0)
@@ -147,28 +150,33 @@ class DataConfig:
     workers_per_gpu: int = 2
     val: Annotated[dict | None, Component("dataset")] = None
     test: Annotated[dict | None, Component("dataset")] = None  # the evaluate command uses it (else val)
-    val_dataloader: LoaderConfig = field(default_factory=lambda: LoaderConfig(samples_per_gpu=1))
-    test_dataloader: LoaderConfig = field(default_factory=lambda: LoaderConfig(samples_per_gpu=1))
+    val_dataloader: LoaderConfig = field(default_factory=LoaderConfig)
+    test_dataloader: LoaderConfig = field(default_factory=LoaderConfig)
     shuffle: bool = True  # each epoch in a new order (seeded by `seed`)
     shuffle_buffer_size: int = 1000  # streamed data: samples each worker shuffles among
     skip_bad_samples: bool = False  # replace (and report) unreadable or invalid samples instead of stopping
+    pin_memory: bool | None = None  # page-locked batches for the GPU copy (null: on when training on CUDA)
+    persistent_workers: bool = True  # evaluation workers kept between evaluations (training's always are)
+    prefetch_factor: int | None = None  # batches each worker prepares ahead (null: PyTorch's 2)
 
     def validate(self, key: str) -> None:
         _positive(self.samples_per_gpu, f"{key}.samples_per_gpu")
         _positive(self.workers_per_gpu, f"{key}.workers_per_gpu", 0)
         _positive(self.shuffle_buffer_size, f"{key}.shuffle_buffer_size")
+        if self.prefetch_factor is not None:
+            _positive(self.prefetch_factor, f"{key}.prefetch_factor")
 
-    def val_batch_size(self) -> int:
+    def val_batch_size(self) -> int | str:
         return self.loader("val")[0]
 
     def val_workers(self) -> int:
         return self.loader("val")[1]
 
-    def loader(self, split: Literal["val", "test"]) -> tuple[int, int]:
-        """(batch size, workers) per process for evaluating on ``split``."""
+    def loader(self, split: Literal["val", "test"]) -> tuple[int | str, int]:
+        """(batch size or ``auto``, workers) per process for evaluating on ``split``."""
         cfg = self.val_dataloader if split == "val" else self.test_dataloader
         workers = self.workers_per_gpu if cfg.workers_per_gpu is None else cfg.workers_per_gpu
-        return cfg.samples_per_gpu or 1, workers
+        return cfg.samples_per_gpu or "auto", workers
 
 
 @dataclass(frozen=True)
@@ -318,6 +326,17 @@ class PushToHubConfig:
 
 
 @dataclass(frozen=True)
+class CompileConfig:
+    """``compile``: ``torch.compile`` through Accelerate's dynamo plugin (the training forward; the
+    first iterations pay the compilation)."""
+
+    backend: str = "inductor"
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    fullgraph: bool = False
+    dynamic: bool | None = None
+
+
+@dataclass(frozen=True)
 class CustomImportsConfig:
     imports: list[str] | str = field(default_factory=list)
     allow_failed_imports: bool = False
@@ -349,6 +368,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False  # deterministic algorithms (cuDNN, torch.use_deterministic_algorithms)
     torch_threads: int | None = None  # torch threads per process (null: OMP_NUM_THREADS, else cores / processes)
+    channels_last: bool = False  # model and images in channels-last memory format (faster convolutions on GPUs)
+    compile: CompileConfig | None = None  # torch.compile of the training forward
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     gradient_accumulation_steps: int = 1
     find_unused_parameters: bool | None = None

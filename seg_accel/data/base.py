@@ -112,6 +112,11 @@ class SegDataset(Dataset):
         """Where sample ``index`` comes from, for error messages."""
         return f"{type(self).__name__}[{index}]"
 
+    def image_size(self, index: int) -> tuple[int, int] | None:
+        """``(h, w)`` of sample ``index`` without decoding it (evaluation batches images of one
+        size together), or None when that is not known cheaply."""
+        return None
+
     def where(self, index: int) -> str:
         return f"{self.key} ({self.describe(index)}), index {index}"
 

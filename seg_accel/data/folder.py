@@ -108,6 +108,13 @@ class CustomDataset(SegDataset):
         img_path, ann_path = self.paths(index)
         return f"CustomDataset, image {img_path}, label {ann_path}"
 
+    def image_size(self, index: int) -> tuple[int, int] | None:
+        try:
+            with Image.open(self.paths(index)[0]) as img:  # the header only
+                return img.height, img.width
+        except OSError:
+            return None  # a bad sample: reported when it is loaded
+
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         img_path, ann_path = self.paths(index)
         with Image.open(img_path) as img, Image.open(ann_path) as label:

@@ -187,6 +187,20 @@ class HubDataset(SegDataset):
         return self.rgb8(decode_cell(row[self.image_column], self.base_dir)), \
             decode_cell(row[self.label_column], self.base_dir)
 
+    def image_size(self, index: int) -> tuple[int, int] | None:
+        if self.streaming:
+            return None
+        cell = self.table[index][self.image_column]
+        try:
+            if isinstance(cell, dict) and cell.get("bytes") is not None:
+                with Image.open(io.BytesIO(cell["bytes"])) as img:  # the header only
+                    return img.height, img.width
+            if hasattr(cell, "size") and hasattr(cell, "mode"):  # a PIL image
+                return cell.height, cell.width
+        except OSError:
+            return None
+        return None
+
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if self.streaming:
             raise TypeError("a streamed dataset has no random access; it is read through its stream loader")

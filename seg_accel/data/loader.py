@@ -140,6 +140,7 @@ def build_train_loader(
     pin_memory: bool = False,
     shuffle: bool = True,
     buffer_size: int = 1000,
+    prefetch_factor: int | None = None,
 ) -> Any:
     """An endless loader of this process's shard of the training stream (map-style or streamed)."""
     if getattr(dataset, "streaming", False):
@@ -160,15 +161,51 @@ def build_train_loader(
         pin_memory=pin_memory,
         drop_last=True,
         persistent_workers=workers_per_gpu > 0,
+        prefetch_factor=prefetch_factor if workers_per_gpu > 0 else None,
         worker_init_fn=worker_init,
         generator=gen,
     )
 
 
+AUTO_BATCH_PIXELS = 4 * 1024 * 1024  # evaluation batches of "auto" size hold at most this many image pixels
+AUTO_BATCH_MAX = 16
+
+
+class SizeGroupedBatches(Sampler):
+    """Batches of this process's shard (in order) that hold images of one size, as many as fit
+    ``AUTO_BATCH_PIXELS`` (and at most ``AUTO_BATCH_MAX``): evaluation runs whole batches
+    instead of one image at a time, with memory bounded by the pixels, not by a guess."""
+
+    def __init__(self, dataset: Any, indices: list[int], pixels: int = AUTO_BATCH_PIXELS, most: int = AUTO_BATCH_MAX):
+        self.batches: list[list[int]] = []
+        current: list[int] = []
+        current_size = None
+        for index in indices:
+            size = dataset.image_size(index)
+            limit = max(1, min(most, pixels // (size[0] * size[1]))) if size else 1
+            if current and (size is None or size != current_size or len(current) >= limit):
+                self.batches.append(current)
+                current = []
+            current.append(index)
+            current_size = size
+        if current:
+            self.batches.append(current)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def build_val_loader(
-    dataset: Dataset, samples_per_gpu: int, workers_per_gpu: int, rank: int, world_size: int, pin_memory: bool = False
+    dataset: Dataset, samples_per_gpu: int | str, workers_per_gpu: int, rank: int, world_size: int,
+    pin_memory: bool = False, persistent_workers: bool = False, prefetch_factor: int | None = None,
 ) -> Any:
-    """This process's shard of the val set, in order, each sample exactly once overall."""
+    """This process's shard of the val set, in order, each sample exactly once overall.
+    ``samples_per_gpu: auto``: batches of same-size images within a pixel budget."""
+    if samples_per_gpu == "auto" and (getattr(dataset, "streaming", False) or not hasattr(dataset, "image_size")):
+        samples_per_gpu = 1  # streamed: sizes are not known ahead
     if getattr(dataset, "streaming", False):
         from seg_accel.data.streaming import ShardStream, StreamBatches, usable_workers
 
@@ -176,14 +213,18 @@ def build_val_loader(
                              epochs=1, pad=False)
         workers = usable_workers(len(dataset.shards), world_size, workers_per_gpu)
         return StreamBatches(stream, samples_per_gpu, workers, partial(collate, key=getattr(dataset, "key", "data")), pin_memory)
+    shard = ShardSampler(len(dataset), rank, world_size)
+    batching = {"batch_sampler": SizeGroupedBatches(dataset, shard.indices)} if samples_per_gpu == "auto" else \
+        {"batch_size": samples_per_gpu, "sampler": shard}
+    workers = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers_per_gpu else {}
     return DataLoader(
         dataset,
-        batch_size=samples_per_gpu,
-        sampler=ShardSampler(len(dataset), rank, world_size),
         num_workers=workers_per_gpu,
         collate_fn=partial(collate, key=getattr(dataset, "key", "data")),
         pin_memory=pin_memory,
         worker_init_fn=worker_init,
+        **batching,
+        **workers,
     )
 
 

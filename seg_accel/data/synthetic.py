@@ -124,6 +124,9 @@ class SyntheticShapes(SegDataset):
     def describe(self, index: int) -> str:
         return f"SyntheticShapes(seed={self.seed})[{index}]"
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.height, self.width
+
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"{self.describe(index)}: index out of range (num_samples={self.num_samples})")

@@ -68,7 +68,7 @@ def broadcast_norm_buffers(accelerator: Any, model: torch.nn.Module) -> None:
         return
     from accelerate.utils import broadcast
 
-    for module in accelerator.unwrap_model(model).modules():
+    for module in accelerator.unwrap_model(model, keep_torch_compile=False).modules():
         if isinstance(module, torch.nn.modules.batchnorm._NormBase):
             for buffer in module.buffers(recurse=False):
                 if buffer is not None:
@@ -83,7 +83,7 @@ def evaluate_model(accelerator: Any, model: torch.nn.Module, loader: DataLoader,
     processes. The per-class table is logged, and the bad samples skipped (each process's).
     ``results["skipped"]`` counts those of all processes."""
     skipped: list[str] = []
-    cm = collect_confusion(accelerator.unwrap_model(model), loader, len(classes), ignore_index,
+    cm = collect_confusion(accelerator.unwrap_model(model, keep_torch_compile=False), loader, len(classes), ignore_index,
                            device=accelerator.device, show_progress=accelerator.is_main_process,
                            inferencer=inferencer, on_batch=on_batch, skipped=skipped)
     if skipped:

@@ -42,7 +42,7 @@ class Exporter:
             try:
                 if tmp.exists():
                     shutil.rmtree(tmp)
-                model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+                model = acc.unwrap_model(self.model, keep_fp32_wrapper=False, keep_torch_compile=False)
                 export_model(model, tmp, self.classes, self.processor, state_dict=state_dict)
                 if folder.exists():
                     shutil.rmtree(folder)

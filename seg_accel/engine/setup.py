@@ -43,6 +43,11 @@ def build_accelerator(cfg: TrainConfig, trackers: list[str] | None = None, track
     kwargs: dict[str, Any] = {"gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                               "step_scheduler_with_optimizer": False, "log_with": trackers or None,
                               "project_dir": tracker_dir} if training else {}
+    if training and cfg.compile is not None:
+        from accelerate.utils import TorchDynamoPlugin
+
+        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend=cfg.compile.backend, mode=cfg.compile.mode,
+                                                    fullgraph=cfg.compile.fullgraph, dynamic=cfg.compile.dynamic)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=multi_process_without_accelerator(),
                               kwargs_handlers=handlers, **kwargs)
     return accelerator, ddp_kwargs
@@ -54,8 +59,13 @@ def build_eval_loader(cfg: TrainConfig, split: str, accelerator: Any) -> tuple[A
     dataset.test_mode = True
     batch, workers = cfg.data.loader(split)
     loader = build_val_loader(dataset, batch, workers, accelerator.process_index, accelerator.num_processes,
-                              pin_memory=accelerator.device.type == "cuda")
+                              pin_memory=pin_memory(cfg, accelerator), persistent_workers=cfg.data.persistent_workers,
+                              prefetch_factor=cfg.data.prefetch_factor)
     return dataset, loader
+
+
+def pin_memory(cfg: TrainConfig, accelerator: Any) -> bool:
+    return accelerator.device.type == "cuda" if cfg.data.pin_memory is None else cfg.data.pin_memory
 
 
 def build_inferencer(cfg: TrainConfig, accelerator: Any, aug_test: bool = False) -> Inferencer:

@@ -41,7 +41,14 @@ from seg_accel.engine.hooks import (
 )
 from seg_accel.engine.log import IntervalMeter, setup_logging
 from seg_accel.engine.loggers import LoggerHook, RunLog, tracker_project
-from seg_accel.engine.setup import build_accelerator, build_eval_loader, build_inferencer, describe_run, quiet_libraries
+from seg_accel.engine.setup import (
+    build_accelerator,
+    build_eval_loader,
+    build_inferencer,
+    describe_run,
+    pin_memory,
+    quiet_libraries,
+)
 from seg_accel.losses.head import build_head_losses
 from seg_accel.models import build_model, family_of_model
 from seg_accel.models.builder import convert_sync_bn, set_norm_eval
@@ -123,6 +130,8 @@ class Trainer:
             notes.append(note)
         if cfg.model.norm_eval:
             set_norm_eval(model)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         constructor = build_constructor(cfg.optimizer)
         optimizer = constructor(model)
         group_table = param_group_table(model, optimizer, getattr(constructor, "notes", None))
@@ -152,8 +161,8 @@ class Trainer:
         self._resume(model)
         self.train_loader = build_train_loader(
             self.train_set, cfg.data.samples_per_gpu, cfg.data.workers_per_gpu, acc.process_index,
-            acc.num_processes, cfg.seed, start=self.samples, pin_memory=acc.device.type == "cuda",
-            shuffle=cfg.data.shuffle, buffer_size=cfg.data.shuffle_buffer_size,
+            acc.num_processes, cfg.seed, start=self.samples, pin_memory=pin_memory(cfg, acc),
+            shuffle=cfg.data.shuffle, buffer_size=cfg.data.shuffle_buffer_size, prefetch_factor=cfg.data.prefetch_factor,
         )
         stream = getattr(self.train_loader, "stream", None)
         self.epoch_log = EpochBookkeeping(acc.process_index, stream.plan if stream is not None else None)
@@ -249,7 +258,10 @@ class Trainer:
         self.epoch_log.update(batch)
         self.samples += len(batch["indices"])
         device = self.accelerator.device
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}, waited
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        if self.cfg.channels_last:
+            batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
+        return batch, waited
 
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         """The forward pass and every head's losses: (total to backpropagate, values to log)."""

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from seg_accel.cli import main
-from tests.conftest import REPO, json_log, tiny_config, write_yaml
+from tests.conftest import REPO, json_log, make_trainer, tiny_config, write_yaml
 
 
 def short_config(**overrides) -> dict:
@@ -242,3 +242,51 @@ def test_dataloader_workers_run_one_thread(tmp_path):
     loader = build_train_loader(ThreadProbe(), 2, 1, 0, 1, 0)
     batch = next(iter(loader))
     assert batch["pixel_values"].flatten().unique().tolist() == [1.0]  # in the worker: 1 thread
+
+
+def test_channels_last_and_compile_train(tmp_path, fresh_accelerate):
+    """`channels_last: true` keeps the 4-D weights channels-last and gives the losses of the default
+    layout (to float rounding); `compile` (the eager backend here, for speed) compiles the training
+    forward, and the export and checkpoints carry the plain parameter names."""
+    from accelerate.utils import is_compiled_module
+
+    from seg_accel.engine.checkpoint import load_weights
+
+    losses = {}
+    for name, keys in (("plain", {}), ("channels_last", {"channels_last": True}),
+                       ("compiled", {"compile": {"backend": "eager"}, "checkpoint_config": {"interval": 2}})):
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        cfg = short_config(**keys)
+        cfg["runner"]["max_iters"] = 2
+        cfg["data"]["val"] = None
+        trainer, _ = make_trainer(tmp_path / name, cfg)
+        trainer.train()
+        losses[name] = [r["loss"] for r in json_log(tmp_path / name / "work") if r["mode"] == "train"]
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+        if name == "channels_last":
+            convs = [p for p in model.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+            assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+        if name == "compiled":
+            assert is_compiled_module(trainer.model)
+            exported = final_weights(tmp_path / name / "work")
+            assert not any("_orig_mod" in k for k in exported)
+            load_weights(model, tmp_path / name / "work" / "iter_2", strict=True)  # plain names in checkpoints
+    assert losses["channels_last"] == pytest.approx(losses["plain"], rel=1e-4)
+    assert losses["compiled"] == pytest.approx(losses["plain"], rel=1e-4)
+
+
+def test_evaluation_batches_images_of_one_size():
+    from seg_accel.data.loader import SizeGroupedBatches
+
+    class Sizes:
+        sizes = [(100, 100)] * 5 + [(200, 100)] * 3 + [None] + [(100, 100)] * 2
+
+        def image_size(self, index):
+            return self.sizes[index]
+
+    batches = list(SizeGroupedBatches(Sizes(), list(range(11)), pixels=30_000, most=16))
+    assert batches == [[0, 1, 2], [3, 4], [5], [6], [7], [8], [9, 10]]  # 3 of 100x100 fit 30,000 pixels
+    assert list(SizeGroupedBatches(Sizes(), list(range(5)), pixels=10**9, most=4)) == [[0, 1, 2, 3], [4]]

@@ -251,4 +251,4 @@ def test_full_config_validates_with_defaults(tmp_path):
     assert train_cfg.seed == 0 and train_cfg.gradient_accumulation_steps == 1
     assert train_cfg.classes == ["background", "circle", "square", "triangle"]
     assert train_cfg.model.decode_head.ignore_index == 255
-    assert train_cfg.data.val_batch_size() == 1
+    assert train_cfg.data.val_batch_size() == "auto"  # issue 15: same-size images batched by default
