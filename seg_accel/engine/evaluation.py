@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,9 +124,11 @@ class Evaluator:
         if self._latest_iter == iteration and self.latest is not None:
             return self.latest
         acc = self.accelerator
+        started = time.perf_counter()
         broadcast_norm_buffers(acc, self.model)
         cm, results = evaluate_model(acc, self.model, self.loader, self.classes, self.ignore_index,
                                      self.inferencer, metrics)
+        seconds = time.perf_counter() - started
         skipped = results.pop("skipped")
         self.log.emit({"mode": "val", "epoch": epoch, "iter": iteration, **eval_record(results, self.classes)})
         error = None
@@ -135,7 +138,7 @@ class Evaluator:
                 "metrics": {k: v for k, v in results.items() if k != "per_class"},
                 "per_class": {c: dict(zip(self.classes, v)) for c, v in results["per_class"].items()},
                 "confusion_matrix": cm.cpu().tolist(), "classes": self.classes,
-                "num_processes": acc.num_processes, "skipped_samples": skipped,
+                "num_processes": acc.num_processes, "skipped_samples": skipped, "seconds": round(seconds, 3),
             }
             try:
                 write_text_atomic(self.results_file, json.dumps(payload, indent=2))

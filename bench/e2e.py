@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""End to end on CamVid: seg-accel against a transformers-example-style loop (bench/example_loop.py).
+
+Same SegFormer (the tiny CamVid one, random init, seed 0), crop 256, batch 4 per process,
+AdamW 6e-4 with a polynomial decay, the same iterations; then each evaluates the 101 val
+images. Run as a user runs them: the example under `accelerate launch` (torchrun's default of
+one thread per process when several), seg-accel with `seg-accel train [--num-processes N]`
+(its thread budget). seg-accel runs twice per pair: with its defaults (fp32) and with its
+documented fast path on CPUs with bfloat16 support (`mixed_precision: bf16`). Runs alternate
+(the order flips every pair) so that the machine's drift hits every loop alike.
+
+Reported per loop, as the median and the spread over the pairs: seconds per iteration (the
+median iteration, data loading included), images per second over the whole training, the
+start-up (process launch to the first iteration), the evaluation's time, the main process's
+peak memory, and the val mIoU at the end.
+
+    python bench/e2e.py [--processes 1 2] [--iters 100] [--pairs 2] [--data ../shared/data/camvid]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs/camvid/segformer_tiny_camvid_2k.yaml"
+
+
+def run_example(data: Path, iters: int, processes: int, out: Path) -> dict:
+    script = [str(REPO / "bench/example_loop.py"), "--data", str(data), "--iters", str(iters), "--out", str(out)]
+    if processes > 1:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1"}  # the example knows no other way to run on CPUs
+    else:
+        command, env = [sys.executable, *script], dict(os.environ)
+    return launched(command, env, out)
+
+
+def run_seg_accel(data: Path, iters: int, processes: int, out: Path, work: Path, fast: bool) -> dict:
+    options = [f"runner.max_iters={iters}", "checkpoint_config=null", "evaluation.interval=1000000",
+               "evaluation.save_best=null", "log_config.interval=50", f"data.train.data_root={data}",
+               f"data.val.data_root={data}", "custom_imports.imports=[e2e_probe]",
+               f"custom_hooks=[{{type: E2EProbe, out: {out}}}, {{type: E2EProbeWriter}}]"]
+    if fast:
+        options.append("mixed_precision=bf16")
+    command = [sys.executable, "-m", "seg_accel", "train", str(CONFIG), "--work-dir", str(work),
+               "--num-processes", str(processes), "--cfg-options", *options]
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'bench'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return launched(command, env, out, cwd=REPO / "bench")
+
+
+def launched(command: list[str], env: dict, out: Path, cwd: Path = REPO) -> dict:
+    started = time.time()
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        sys.exit(f"a run failed ({' '.join(command[:6])} ...):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    result["startup_seconds"] = result["first_iteration"] - started
+    result["images_per_second"] = result["iters"] * result["batch_per_process"] * result["processes"] / \
+        result["train_seconds"]
+    return result
+
+
+def summary(runs: list[dict], key: str) -> str:
+    values = [r[key] for r in runs]
+    middle = statistics.median(values)
+    spread = f" ({min(values):.3g}-{max(values):.3g})" if len(values) > 1 else ""
+    return f"{middle:.3g}{spread}"
+
+
+def bf16_supported() -> bool:
+    import torch
+
+    return bool(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")() in ("AVX512", "AMX")) or \
+        bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--data", default=str(REPO.parent / "shared/data/camvid"))
+    args = parser.parse_args()
+    data = Path(args.data).resolve()
+    if not (data / "train.txt").is_file():
+        sys.exit(f"CamVid not found at {data} (--data)")
+    fast = bf16_supported()
+    loops = ["example", "seg-accel"] + (["seg-accel bf16"] if fast else [])
+    print(f"CamVid, tiny SegFormer, crop 256, batch 4 per process, {args.iters} iterations, {args.pairs} alternating "
+          f"pair(s); {os.cpu_count()} CPU core(s); bf16 fast path: {'yes' if fast else 'no (no bf16 on this CPU)'}")
+    for processes in args.processes:
+        results: dict[str, list[dict]] = {loop: [] for loop in loops}
+        with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
+            for pair in range(args.pairs):
+                for i, loop in enumerate(loops if pair % 2 == 0 else loops[::-1]):
+                    out = Path(tmp) / f"{loop.replace(' ', '_')}_{pair}.json"
+                    if loop == "example":
+                        result = run_example(data, args.iters, processes, out)
+                    else:
+                        result = run_seg_accel(data, args.iters, processes, out, Path(tmp) / f"w{pair}{i}",
+                                               fast=loop.endswith("bf16"))
+                    results[loop].append(result)
+                    print(f"  {processes} process(es), pair {pair + 1}: {loop}: {result['images_per_second']:.2f} "
+                          f"images/s, mIoU {result['miou']:.2f}", flush=True)
+        base = statistics.median(r["images_per_second"] for r in results["example"])
+        print(f"\n{processes} process(es)")
+        print("| loop | s/iteration | images/s | vs example | start-up (s) | training (s) | evaluation (s) | "
+              "peak memory (MiB) | val mIoU |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for loop, runs in results.items():
+            ratio = statistics.median(r["images_per_second"] for r in runs) / base
+            print(f"| {loop} | {summary(runs, 'iteration_seconds_median')} | {summary(runs, 'images_per_second')} | "
+                  f"{ratio:.2f}x | {summary(runs, 'startup_seconds')} | {summary(runs, 'train_seconds')} | "
+                  f"{summary(runs, 'eval_seconds')} | {summary(runs, 'peak_memory_mib')} | {summary(runs, 'miou')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
