@@ -13,11 +13,16 @@ the process's own start (ru_maxrss). The predictions and labels are the same ran
 maps in every variant: a pool of 10 seeded random maps made before the clock starts and
 cycled through (every stored copy is a real copy, so stored memory grows as it would).
 
-Run: python bench/metric.py [--small-only]
+Every case runs on the idle machine and again with a competing load the bench starts itself
+(a busy loop per core, bench/load.py), each variant at the default torch threads (what seg-accel
+gives one process: all the cores).
+
+Run: python bench/metric.py [--small-only] [--no-load]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -28,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from load import competing_load, cores, describe  # noqa: E402
 CASES = {"camvid": (101, 360, 480, 12), "ade20k": (500, 512, 512, 150)}
 
 REFERENCE_METRIC = '''
@@ -131,23 +138,29 @@ def main() -> None:
     parser.add_argument("--variant", choices=["ours", "list", "evaluate"])
     parser.add_argument("--case", choices=sorted(CASES))
     parser.add_argument("--small-only", action="store_true", help="only the CamVid-sized case")
+    parser.add_argument("--no-load", action="store_true", help="leave out the loaded-machine rows")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.case)))
         return
-    print("| case | implementation | seconds | peak memory (MiB) | ours is faster by |")
-    print("|---|---|---|---|---|")
-    for case in (["camvid"] if args.small_only else ["camvid", "ade20k"]):
-        images, height, width, classes = CASES[case]
-        ours = measure("ours", case)
-        label = f"{images} images {height}x{width}, {classes} classes"
-        for variant, name in (("evaluate", "evaluate Metric + per-image np.histogram (mean_iou's way)"),
-                              ("list", "in-memory list + per-image np.histogram"), ("ours", "seg-accel confusion matrix")):
-            result = ours if variant == "ours" else measure(variant, case)
-            assert abs(result["miou"] - ours["miou"]) < 1e-9, (variant, result["miou"], ours["miou"])
-            speedup = result["seconds"] / ours["seconds"]
-            print(f"| {label} | {name} | {result['seconds']:.2f} | {result['peak_mib']:.0f} | "
-                  f"{'-' if variant == 'ours' else f'{speedup:.1f}x'} |")
+    print(f"{cores()} core(s); loaded: a busy loop per core")
+    print("| case | machine | implementation | seconds | peak memory (MiB) | ours is faster by |")
+    print("|---|---|---|---|---|---|")
+    for loaded in ([False] if args.no_load else [False, True]):
+        for case in (["camvid"] if args.small_only else ["camvid", "ade20k"]):
+            images, height, width, classes = CASES[case]
+            label = f"{images} images {height}x{width}, {classes} classes"
+            with competing_load() if loaded else contextlib.nullcontext():
+                ours = measure("ours", case)
+                results = {"ours": ours, "evaluate": measure("evaluate", case), "list": measure("list", case)}
+            for variant, name in (("evaluate", "evaluate Metric + per-image np.histogram (mean_iou's way)"),
+                                  ("list", "in-memory list + per-image np.histogram"),
+                                  ("ours", "seg-accel confusion matrix")):
+                result = results[variant]
+                assert abs(result["miou"] - ours["miou"]) < 1e-9, (variant, result["miou"], ours["miou"])
+                speedup = result["seconds"] / ours["seconds"]
+                print(f"| {label} | {describe(loaded)} | {name} | {result['seconds']:.2f} | {result['peak_mib']:.0f} | "
+                      f"{'-' if variant == 'ours' else f'{speedup:.1f}x'} |", flush=True)
 
 
 if __name__ == "__main__":

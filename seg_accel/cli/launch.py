@@ -83,7 +83,7 @@ def launch(module: str, argv: list[str], launch_args: list[str], on_interrupt: C
            num_processes: int | None = None) -> int:
     """``python -m accelerate.commands.launch <launch_args> -m <module> <argv>``; returns its exit code.
     The processes get the thread budget (torchrun would give each 1 thread whatever the cores)."""
-    from seg_accel.engine.threads import launcher_environment
+    from seg_accel.threads import launcher_environment
 
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", module, *argv]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **launcher_environment(num_processes)}

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from seg_accel.data.transforms import build_pipeline
+from seg_accel.threads import one_thread
 from seg_accel.errors import ConfigError, DataError
 
 
@@ -48,13 +49,13 @@ def label_lookup(label_map: dict[int, int] | None, reduce_zero_label: bool) -> n
     """A 256-entry table applying ``label_map`` then ``reduce_zero_label`` (0 -> 255, c -> c - 1)."""
     if not label_map and not reduce_zero_label:
         return None
-    lut = np.arange(256, dtype=np.int64)
+    lut = np.arange(256, dtype=np.uint8)  # uint8 labels stay uint8 (cheap to check and copy)
     for src, dst in (label_map or {}).items():
         if not (0 <= int(src) < 256 and 0 <= int(dst) < 256):
             raise ConfigError(f"label_map values must be in 0..255, got {src}: {dst}", key="label_map")
         lut[int(src)] = int(dst)
     if reduce_zero_label:
-        lut = np.where(lut == 0, 255, lut - 1)
+        lut = np.where(lut == 0, 255, lut - 1).astype(np.uint8)
         lut[255] = 255
     return lut
 
@@ -140,7 +141,10 @@ class SegDataset(Dataset):
             )
         if self.label_lut is not None:
             label = self.label_lut[label]
-        values = np.unique(label)
+        if label.dtype in (np.uint8, np.uint16):  # a count per value: one pass, no sort
+            values = np.flatnonzero(np.bincount(label.ravel()))
+        else:
+            values = np.unique(label)
         bad = values[(values >= len(self.classes)) & (values != self.ignore_index)]
         if bad.size:
             raise DataError(
@@ -160,20 +164,21 @@ class SegDataset(Dataset):
         return img, self.check(index, img, label)
 
     def prepare(self, index: int, img: np.ndarray, label: np.ndarray, seed: int | None) -> dict[str, Any]:
-        """Run the pipeline on a checked sample."""
-        results = {
-            "img": torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float(),
-            "gt_seg_map": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
-        }
-        original_label = results["gt_seg_map"]
-        rng = np.random.default_rng(seed)
-        for transform in self.transforms:
-            results = transform(results, rng)
-        return {
-            "pixel_values": results["img"].contiguous(),
-            "labels": original_label if self.test_mode else results["gt_seg_map"].contiguous(),
-            "index": index,
-        }
+        """Run the pipeline on a checked sample (one torch thread: ``one_thread``)."""
+        with one_thread():
+            results = {
+                "img": torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float(),
+                "gt_seg_map": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
+            }
+            original_label = results["gt_seg_map"]
+            rng = np.random.default_rng(seed)
+            for transform in self.transforms:
+                results = transform(results, rng)
+            return {
+                "pixel_values": results["img"].contiguous(),
+                "labels": original_label if self.test_mode else results["gt_seg_map"].contiguous(),
+                "index": index,
+            }
 
     def __getitem__(self, key: int | tuple[int, int] | tuple[int, int, int]) -> dict[str, Any]:
         index, seed, epoch = (*key, 0)[:3] if isinstance(key, tuple) else (key, None, 0)

@@ -24,7 +24,10 @@ def resize_image(img_chw: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tenso
     """Bilinear, as mmcv's cv2 INTER_LINEAR (no antialiasing)."""
     if tuple(img_chw.shape[-2:]) == tuple(size_hw):
         return img_chw
-    return F.interpolate(img_chw[None], size=size_hw, mode="bilinear", align_corners=False)[0]
+    # the channels-last kernel gives the same numbers ~2x faster; the result stays channels-last
+    # (later transforms work on any layout; the sample is made contiguous at the end)
+    pixels = img_chw[None].contiguous(memory_format=torch.channels_last)
+    return F.interpolate(pixels, size=size_hw, mode="bilinear", align_corners=False)[0]
 
 
 def resize_label(label_hw: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
@@ -169,17 +172,19 @@ def rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
     return torch.stack([hue, sat, value])
 
 
+# per HSV sector (0-5), which of (value, p, q, t) each RGB channel takes
+_SECTOR_CHANNELS = torch.tensor([[0, 2, 1, 1, 3, 0],   # red: v q p p t v
+                                 [3, 0, 0, 2, 1, 1],   # green: t v v q p p
+                                 [1, 1, 3, 0, 0, 2]])  # blue: p p t v v q
+
+
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     hue, sat, value = hsv[0] / 30.0, hsv[1] / 255.0, hsv[2]
-    sector = torch.floor(hue) % 6
+    sector = (torch.floor(hue) % 6).long()
     f = hue - torch.floor(hue)
     p, q, t = value * (1 - sat), value * (1 - sat * f), value * (1 - sat * (1 - f))
-    choices = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)]
-    out = torch.zeros((3, *value.shape), dtype=value.dtype)
-    for k, (rr, gg, bb) in enumerate(choices):
-        mask = sector == k
-        out[0][mask], out[1][mask], out[2][mask] = rr[mask], gg[mask], bb[mask]
-    return out
+    candidates = torch.stack([value, p, q, t])  # one gather picks each channel's value: no masked copies
+    return candidates.gather(0, _SECTOR_CHANNELS[:, sector.reshape(-1)].view(3, *value.shape))
 
 
 def _as_uint8(img: torch.Tensor) -> torch.Tensor:

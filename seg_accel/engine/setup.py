@@ -60,7 +60,7 @@ def build_eval_loader(cfg: TrainConfig, split: str, accelerator: Any) -> tuple[A
     batch, workers = cfg.data.loader(split)
     loader = build_val_loader(dataset, batch, workers, accelerator.process_index, accelerator.num_processes,
                               pin_memory=pin_memory(cfg, accelerator), persistent_workers=cfg.data.persistent_workers,
-                              prefetch_factor=cfg.data.prefetch_factor)
+                              prefetch_factor=cfg.data.prefetch_factor, device_type=accelerator.device.type)
     return dataset, loader
 
 

@@ -175,7 +175,7 @@ def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metr
     acc, _ = build_accelerator(cfg, training=False)
     setup_logging(None, acc.is_main_process)
     split = check_split(cfg)
-    from seg_accel.engine import threads
+    from seg_accel import threads
 
     threads.apply(threads.decide(cfg.torch_threads, cfg.data.loader(split)[1]))
     dataset, loader = build_eval_loader(cfg, split, acc)

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from seg_accel import threads
 from seg_accel.config.loader import Config
 from seg_accel.config.schema import TrainConfig
 from seg_accel.data import EpochBookkeeping, build_dataset, build_train_loader
-from seg_accel.engine import threads, workdir
+from seg_accel.engine import workdir
 from seg_accel.engine.checkpoint import Checkpointer, RunnerState, load_weights
 from seg_accel.engine.evaluation import Evaluator
 from seg_accel.engine.export import Exporter

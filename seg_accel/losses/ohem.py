@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 import torch
 
+from seg_accel.threads import one_thread
 from seg_accel.errors import ConfigError
 from seg_accel.registry import SAMPLERS
 
@@ -55,7 +56,15 @@ class OHEMPixelSampler:
     @torch.no_grad()
     def sample(self, logits_nchw: torch.Tensor, labels_nhw: torch.Tensor, ignore_index: int,
                pixel_losses: PixelFn | None = None) -> torch.Tensor:
-        """``pixel_losses(logits, labels) -> (N, H, W)`` is needed without ``thresh``."""
+        """``pixel_losses(logits, labels) -> (N, H, W)`` is needed without ``thresh``. On CPU it runs
+        one torch thread (``one_thread``): its many cache-sized steps stay fast on a busy machine."""
+        if logits_nchw.device.type == "cpu":
+            with one_thread():
+                return self._sample(logits_nchw, labels_nhw, ignore_index, pixel_losses)
+        return self._sample(logits_nchw, labels_nhw, ignore_index, pixel_losses)
+
+    def _sample(self, logits_nchw: torch.Tensor, labels_nhw: torch.Tensor, ignore_index: int,
+                pixel_losses: PixelFn | None) -> torch.Tensor:
         valid = labels_nhw != ignore_index
         n_valid = int(valid.sum())
         kept = self.min_kept * labels_nhw.shape[0]

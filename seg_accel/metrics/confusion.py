@@ -11,24 +11,50 @@ from collections.abc import Sequence
 
 import torch
 
+from seg_accel.threads import one_thread
+
 METRIC_COLUMNS = {"mIoU": ("IoU", "Acc"), "mDice": ("Dice", "Acc"), "mFscore": ("Fscore", "Precision", "Recall")}
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
     """``cm[l, p]`` = number of pixels with label ``l`` predicted as ``p`` (ignored pixels left out).
 
-    One ``bincount`` pass: out-of-range labels go to two extra bins (ignored, invalid), so no
-    pixel is copied out by a mask; int32 indices halve the memory traffic.
+    One ``bincount`` of ``C * label + pred``, no pixel copied out by a mask: when every label is a
+    small non-negative number (class ids and an ``ignore_index`` below 2**16: the usual case),
+    ignored pixels land in bins past ``C * C`` that are dropped; otherwise out-of-range labels are
+    first sent to two extra bins (ignored, invalid). int32 indices halve the memory traffic. On
+    CPU one thread does it (threads gain little on a few passes over memory and collapse when
+    the machine is busy).
     """
     if pred.shape != label.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape")
+    if pred.device.type == "cpu":
+        with one_thread():
+            return _confusion_matrix(pred, label, num_classes, ignore_index)
+    return _confusion_matrix(pred, label, num_classes, ignore_index)
+
+
+def _confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     c = num_classes
-    dtype = torch.int32 if c * c + 2 < 2**31 else torch.int64
-    lab, prd = label.to(dtype).reshape(-1), pred.to(dtype).reshape(-1)
-    in_range = (lab >= 0) & (lab < c)
-    overflow = c * c + (lab != ignore_index).to(dtype)  # c*c: ignored, c*c + 1: invalid
-    counts = torch.bincount(torch.where(in_range, lab * c + prd, overflow), minlength=c * c + 2)
-    if counts[c * c + 1] > 0:
+    dtype = torch.int32 if (max(c, ignore_index + 1) + 1) * c < 2**31 else torch.int64
+    if label.numel() == 0:
+        return torch.zeros(c, c, dtype=torch.long, device=label.device)
+    low, high = (int(v) for v in torch.aminmax(label))
+    if low >= 0 and high < 2**16 and dtype == torch.int32:  # every label's bins are within reach
+        # int32 in place: mixed-type or int64 arithmetic is several times slower on CPU
+        index = label.reshape(-1).to(dtype, copy=True).mul_(c).add_(pred.reshape(-1).to(dtype))
+        counts = torch.bincount(index, minlength=c * c)
+        beyond = counts[c * c:]  # rows of labels >= c: the ignored one, and any invalid ones
+        if 0 <= ignore_index - c and ignore_index - c < beyond.numel() // c + 1:
+            beyond = torch.cat([beyond[: (ignore_index - c) * c], beyond[(ignore_index - c + 1) * c:]])
+        invalid = bool(beyond.any()) if beyond.numel() else False
+    else:
+        lab, prd = label.to(dtype).reshape(-1), pred.to(dtype).reshape(-1)
+        in_range = (lab >= 0) & (lab < c)
+        overflow = c * c + (lab != ignore_index).to(dtype)  # c*c: ignored, c*c + 1: invalid
+        counts = torch.bincount(torch.where(in_range, lab * c + prd, overflow), minlength=c * c + 2)
+        invalid = bool(counts[c * c + 1] > 0)
+    if invalid:
         bad = torch.unique(label[(label != ignore_index) & ((label < 0) | (label >= c))]).tolist()
         raise ValueError(f"label values {bad[:10]} are neither a class id (0..{c - 1}) nor ignore_index ({ignore_index})")
     return counts[: c * c].view(c, c).long()

@@ -54,7 +54,7 @@ def test_pip_install_then_train_the_demo_on_two_processes_from_any_directory(ins
                    cwd=elsewhere, OMP_NUM_THREADS="")  # as a user starts it: no thread setting of our own
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "Iter [20/20]" in proc.stdout
-    from seg_accel.engine.threads import available_cores
+    from seg_accel.threads import available_cores
 
     budget = max(1, available_cores() // 2)  # the thread budget: the cores shared by the 2 processes
     assert f"threads: 2 process(es) x {budget} torch thread(s) ({available_cores()} core(s) / 2 process(es))" \

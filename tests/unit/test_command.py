@@ -206,7 +206,7 @@ def test_the_thread_budget(monkeypatch):
     launcher) and torch_threads win; workers count toward the oversubscription warning."""
     import os
 
-    from seg_accel.engine import threads
+    from seg_accel import threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     for name in ("OMP_NUM_THREADS", threads.USER_THREADS, threads.BUDGETED, "LOCAL_WORLD_SIZE", "WORLD_SIZE"):

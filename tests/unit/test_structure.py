@@ -9,7 +9,7 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "seg_accel"
 # lower layers first; a module may import from its own layer's package and from lower layers
-LAYERS = [["errors"], ["config"], ["registry"], ["data", "losses", "metrics", "optim"], ["models"], ["engine"],
+LAYERS = [["errors", "threads"], ["config"], ["registry"], ["data", "losses", "metrics", "optim"], ["models"], ["engine"],
           ["hub"], ["cli", "train", "evaluate", "__main__"]]
 
 
