@@ -43,13 +43,15 @@ def run_example(data: Path, iters: int, processes: int, out: Path) -> dict:
     return launched(command, env, out)
 
 
-def run_seg_accel(data: Path, iters: int, processes: int, out: Path, work: Path, fast: bool) -> dict:
+def run_seg_accel(data: Path, iters: int, processes: int, out: Path, work: Path, fast: bool,
+                  extra: tuple[str, ...] = ()) -> dict:
     options = [f"runner.max_iters={iters}", "checkpoint_config=null", "evaluation.interval=1000000",
                "evaluation.save_best=null", "log_config.interval=50", f"data.train.data_root={data}",
                f"data.val.data_root={data}", "custom_imports.imports=[e2e_probe]",
                f"custom_hooks=[{{type: E2EProbe, out: {out}}}, {{type: E2EProbeWriter}}]"]
     if fast:
         options.append("mixed_precision=bf16")
+    options += extra
     command = [sys.executable, "-m", "seg_accel", "train", str(CONFIG), "--work-dir", str(work),
                "--num-processes", str(processes), "--cfg-options", *options]
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'bench'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

@@ -1,7 +1,6 @@
 """``python -m seg_accel COMMAND ...``: the same as the ``seg-accel`` command."""
-import sys
-
 from seg_accel.cli import main
+from seg_accel.cli.common import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # under a launcher: without the teardown that can abort under gloo

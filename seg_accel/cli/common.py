@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from seg_accel.errors import ConfigError, DataError, TrainingError
 
@@ -26,6 +27,32 @@ def is_main_process() -> bool:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a command's process with ``code``. A process started by a launcher (several processes)
+    leaves without the interpreter's final teardown, once its own work is flushed (threads joined,
+    exit handlers run, logs and streams flushed): torch's gloo threads can still hold objects at
+    that point, and tearing them down under a dying interpreter aborted about 1 run in 10 with
+    "terminate called without an active exception" (SIGABRT) after a finished 2-process CPU
+    training (measured: 2 of 20 runs of a bare Accelerate loop; 0 of 40 leaving this way)."""
+    if world_size() <= 1:
+        sys.exit(code)
+    import atexit
+    import logging
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()  # e.g. a Hub upload still running
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def where() -> str:

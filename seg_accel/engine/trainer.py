@@ -54,7 +54,13 @@ from seg_accel.losses.head import build_head_losses
 from seg_accel.models import build_model, family_of_model
 from seg_accel.models.builder import convert_sync_bn, set_norm_eval
 from seg_accel.models.processor import build_image_processor
-from seg_accel.optim import build_constructor, build_lr_scheduler, build_momentum_scheduler, param_group_table
+from seg_accel.optim import (
+    build_constructor,
+    build_lr_scheduler,
+    build_momentum_scheduler,
+    param_group_table,
+    with_fused_kernel,
+)
 from seg_accel.registry import HOOKS
 
 logger = logging.getLogger("seg_accel")
@@ -133,9 +139,11 @@ class Trainer:
             set_norm_eval(model)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        constructor = build_constructor(cfg.optimizer)
+        optimizer_cfg, fused_note = with_fused_kernel(cfg.optimizer, acc.device.type)
+        constructor = build_constructor(optimizer_cfg)
         optimizer = constructor(model)
-        group_table = param_group_table(model, optimizer, getattr(constructor, "notes", None))
+        notes_of_groups = list(getattr(constructor, "notes", None) or []) + ([fused_note] if fused_note else [])
+        group_table = param_group_table(model, optimizer, notes_of_groups)
         self.group_names = [g.get("name", f"group{i}") for i, g in enumerate(optimizer.param_groups)]
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.scheduled: dict[str, float] = {}

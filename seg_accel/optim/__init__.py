@@ -6,6 +6,7 @@ from seg_accel.optim.param_groups import (
     build_constructor,
     build_optimizer,
     param_group_table,
+    with_fused_kernel,
 )
 from seg_accel.optim.schedules import ParamScheduler, build_lr_scheduler, build_momentum_scheduler
 
@@ -19,4 +20,5 @@ __all__ = [
     "build_momentum_scheduler",
     "build_optimizer",
     "param_group_table",
+    "with_fused_kernel",
 ]

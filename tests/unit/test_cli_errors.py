@@ -146,3 +146,33 @@ def test_no_trainable_loss_is_an_error(tmp_path, capsys):
     cfg["model"]["decode_head"] = {"loss_decode": {"type": "CrossEntropyLoss", "loss_name": "ce"}}
     rc, err = run_train(capsys, [str(write_yaml(tmp_path / "exp.yaml", cfg))])
     assert_one_message(rc, err, "exp.yaml", "model.decode_head.loss_decode", "loss_")
+
+
+def test_a_launched_process_exits_with_its_code_and_its_work_flushed(tmp_path):
+    """exit_process under a launcher (WORLD_SIZE > 1) skips the interpreter's teardown but first
+    joins threads, runs exit handlers and flushes logs and streams."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave.py"
+    script.write_text(f'''
+import atexit, logging, threading, time
+from pathlib import Path
+from seg_accel.cli.common import exit_process
+out = Path({str(tmp_path)!r})
+logging.basicConfig(filename=out / "log.txt", level=logging.INFO)
+logging.getLogger("x").info("logged before leaving")
+atexit.register(lambda: (out / "atexit.txt").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread.txt").write_text("done"))).start()
+print("printed before leaving", end="")
+exit_process(3)
+''')
+    import os
+
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "WORLD_SIZE": "2"})
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "printed before leaving"
+    assert (tmp_path / "thread.txt").read_text() == "done"
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert "logged before leaving" in (tmp_path / "log.txt").read_text()

@@ -468,3 +468,19 @@ def test_print_param_groups_script(tmp_path, capsys):
     model = build_model(parse_section(tiny_config()["model"], ModelConfig, "model"), ["a", "b", "c", "d"])
     total = sum(int(r.split("|")[4].replace(",", "")) for r in rows)
     assert total == sum(p.numel() for p in model.parameters())
+
+
+def test_fused_kernel_chosen_when_available_and_not_chosen_by_the_config():
+    from seg_accel.optim import build_optimizer, with_fused_kernel
+
+    cfg, note = with_fused_kernel({"type": "AdamW", "lr": 1e-3}, "cpu")
+    assert cfg["fused"] is True and "optimizer.fused: false" in note
+    model = torch.nn.Linear(3, 2)
+    optimizer = build_optimizer(model, cfg)
+    assert optimizer.defaults["fused"] is True
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()  # the fused kernel runs on this device
+    for kept in ({"type": "AdamW", "lr": 1e-3, "fused": False}, {"type": "AdamW", "lr": 1e-3, "foreach": True},
+                 {"type": "RMSprop", "lr": 1e-3}):
+        assert with_fused_kernel(kept, "cpu") == (kept, None)
+    assert with_fused_kernel({"type": "SGD", "lr": 0.1}, "mps") == ({"type": "SGD", "lr": 0.1}, None)
