@@ -1,5 +1,7 @@
 """Start a command on several processes through Accelerate's launcher, from a parent process that
-has already checked the config.
+checks the config while the launcher starts (the launcher's start-up and the check each take
+seconds of imports; done one after the other they delayed the first iteration): a config error
+stops the launcher before its processes do anything and is reported once, by the parent.
 
 The launcher runs in a session of its own with its output passed through, so that Ctrl-C
 reaches only this parent: it stops every process (SIGINT, then SIGTERM, then SIGKILL),
@@ -80,9 +82,11 @@ def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
 
 
 def launch(module: str, argv: list[str], launch_args: list[str], on_interrupt: Callable[[], str],
-           num_processes: int | None = None) -> int:
+           num_processes: int | None = None, check: Callable[[], object] | None = None) -> int:
     """``python -m accelerate.commands.launch <launch_args> -m <module> <argv>``; returns its exit code.
-    The processes get the thread budget (torchrun would give each 1 thread whatever the cores)."""
+    The processes get the thread budget (torchrun would give each 1 thread whatever the cores).
+    ``check()`` runs here while the launcher starts; if it raises, the launcher and its processes
+    are stopped (their output dropped) and the error goes on up."""
     from seg_accel.threads import launcher_environment
 
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", module, *argv]
@@ -91,6 +95,14 @@ def launch(module: str, argv: list[str], launch_args: list[str], on_interrupt: C
     pumps = [_Pump(proc.stdout, sys.stdout.buffer), _Pump(proc.stderr, sys.stderr.buffer)]
     for pump in pumps:
         pump.start()
+    if check is not None:
+        try:
+            check()
+        except BaseException:
+            for pump in pumps:
+                pump.muted = True
+            _stop(proc, grace=5.0)
+            raise
     try:
         code = proc.wait()
     except KeyboardInterrupt:

@@ -87,7 +87,6 @@ def interrupted_message(args: argparse.Namespace) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg, train_cfg = load_train_config(args)  # everything is checked before anything heavy starts
     if args.num_processes is not None or args.config_file is not None:
         if args.num_processes is not None and args.num_processes < 1:
             raise ConfigError(f"must be >= 1, got {args.num_processes}", key="--num-processes")
@@ -95,7 +94,8 @@ def _train(args: argparse.Namespace) -> int:
             raise ConfigError("already running under a launcher: leave out --num-processes/--config-file",
                               key="--num-processes")
         if args.config_file is not None or args.num_processes > 1:
-            return _launch(args)
+            return _launch(args)  # the config is checked while the launcher starts
+    cfg, train_cfg = load_train_config(args)  # everything is checked before anything heavy starts
     from seg_accel.engine import Trainer
 
     with cfg.errors_located():
@@ -108,7 +108,7 @@ def _launch(args: argparse.Namespace) -> int:
 
     return launch("seg_accel.train", child_arguments(args),
                   launch_arguments(args.num_processes, args.config_file, args.main_process_port),
-                  lambda: interrupted_message(args), args.num_processes)
+                  lambda: interrupted_message(args), args.num_processes, check=lambda: load_train_config(args))
 
 
 def child_arguments(args: argparse.Namespace) -> list[str]:

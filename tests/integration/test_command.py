@@ -168,3 +168,18 @@ def test_the_users_omp_num_threads_is_kept(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "threads: 2 process(es) x 3 torch thread(s) (OMP_NUM_THREADS set by you)" in output
+
+
+def test_a_config_error_stops_the_launch_with_one_line(tmp_path):
+    """--num-processes 2 checks the config while the launcher starts: an error is said once, by
+    the parent, the launcher and its processes are stopped, nothing else is printed."""
+    cfg = tiny_config()
+    cfg["optimizer"]["lr"] = "fast"  # not a number: found by the full check, not by parsing
+    path = write_yaml(tmp_path / "exp.yaml", cfg)
+    proc = subprocess.run([sys.executable, "-m", "seg_accel", "train", str(path), "--num-processes", "2",
+                           "--work-dir", str(tmp_path / "work")],
+                          cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "optimizer" in lines[0], proc.stderr[-3000:]
+    assert "threads:" not in proc.stdout + proc.stderr  # no process of the launch got to start training
