@@ -78,6 +78,38 @@ def eval_transform(batch: dict) -> dict:
     return {"pixel_values": pixel_values, "labels": labels}
 
 
+class FileDataset(torch.utils.data.Dataset):
+    """Without `datasets`: the files opened by PIL, the same batch transform on one sample."""
+
+    def __init__(self, files: dict[str, list[str]], transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files["image"])
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        batch = {key: [Image.open(self.files[key][index])] for key in ("image", "label")}
+        return {key: value[0] for key, value in self.transform(batch).items()}
+
+
+class ListMetric:
+    """Without `evaluate`: the maps kept in a list, the same per-image histograms at compute."""
+
+    def __init__(self) -> None:
+        self.preds, self.refs = [], []
+
+    def add_batch(self, predictions, references) -> None:
+        self.preds += list(predictions)
+        self.refs += list(references)
+
+    def compute(self, num_labels: int, ignore_index: int) -> dict:
+        from metric import histogram_areas
+
+        return {"mean_iou": histogram_areas(self.preds, self.refs, num_labels)}
+
+
 def collate(samples: list[dict]) -> dict:
     return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
             "labels": torch.stack([s["labels"] for s in samples])}
@@ -91,8 +123,6 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    import datasets
-    import evaluate
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, get_scheduler
@@ -101,11 +131,20 @@ def main() -> int:
     set_seed(args.seed)
     random.seed(args.seed + accelerator.process_index)
     root = Path(args.data)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
-    train = datasets.Dataset.from_dict(camvid_split(root, "train"), features=features)
-    val = datasets.Dataset.from_dict(camvid_split(root, "val"), features=features)
-    train.set_transform(train_transform)
-    val.set_transform(eval_transform)
+    try:
+        import datasets
+        import evaluate  # noqa: F401  (the metric below)
+
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+        train = datasets.Dataset.from_dict(camvid_split(root, "train"), features=features)
+        val = datasets.Dataset.from_dict(camvid_split(root, "val"), features=features)
+        train.set_transform(train_transform)
+        val.set_transform(eval_transform)
+        with_datasets = True
+    except ImportError:  # a machine without datasets/evaluate (the GPU image): the same transforms, files read by PIL
+        train, val = FileDataset(camvid_split(root, "train"), train_transform), \
+            FileDataset(camvid_split(root, "val"), eval_transform)
+        with_datasets = False
     train_loader = torch.utils.data.DataLoader(train, batch_size=4, shuffle=True, collate_fn=collate, drop_last=True)
     val_loader = torch.utils.data.DataLoader(val, batch_size=2, collate_fn=collate)
     config = SegformerConfig(hidden_sizes=[32, 64, 128, 256], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 4, 8],
@@ -144,10 +183,15 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from metric import REFERENCE_METRIC  # evaluate's mean_iou way (the Hub's module is not reachable offline)
 
-    scratch = tempfile.mkdtemp(prefix="e2e-metric-")
-    script = Path(scratch) / "reference_mean_iou.py"
-    script.write_text(REFERENCE_METRIC)
-    metric = evaluate.load(str(script), cache_dir=scratch) if accelerator.is_main_process else None
+    if with_datasets:
+        import evaluate
+
+        scratch = tempfile.mkdtemp(prefix="e2e-metric-")
+        script = Path(scratch) / "reference_mean_iou.py"
+        script.write_text(REFERENCE_METRIC)
+        metric = evaluate.load(str(script), cache_dir=scratch) if accelerator.is_main_process else None
+    else:
+        metric = ListMetric() if accelerator.is_main_process else None
     eval_started = time.time()
     model.eval()
     with torch.no_grad():
@@ -168,6 +212,7 @@ def main() -> int:
             "train_seconds": train_seconds, "iteration_seconds_median": float(np.median(times[5:])),
             "eval_seconds": eval_seconds, "miou": 100 * results["mean_iou"],
             "peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "datasets": with_datasets,
         }))
     accelerator.end_training()
     return 0

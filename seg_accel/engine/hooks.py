@@ -159,12 +159,18 @@ class OptimizerHook(Hook):
             norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         else:
             norm = None  # fp16: the loss scaler finds and skips non-finite gradients itself
-        # the gradients are the same on every process after DDP's all-reduce: so is this decision
-        if norm is not None and not torch.isfinite(norm):
+        # the gradients are the same on every process after DDP's all-reduce: so is this decision.
+        # fp16: an overflow is the loss scaler's to skip (it lowers its scale), not an error
+        if norm is not None and acc.scaler is None and not torch.isfinite(norm):
             self._nonfinite(iteration, outputs)
             return False
+        scale = acc.scaler.get_scale() if acc.scaler is not None else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if scale is not None and acc.scaler.get_scale() < scale:
+            # the scaler skipped the step: a fused optimizer takes the step call and skips inside its
+            # kernel, so Accelerate's step_was_skipped stays False; the lowered scale says it
+            return False
         return not optimizer.step_was_skipped
 
     def _nonfinite(self, iteration: int, outputs: dict[str, Any]) -> None:

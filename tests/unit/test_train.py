@@ -155,3 +155,44 @@ def test_a_step_skipped_by_the_loss_scaler_does_not_advance_the_schedules(tmp_pa
     assert all(scheduler.last_iter == 3 for scheduler in trainer.schedulers)  # set before the 5th iteration
 
 
+
+
+def test_a_fused_step_skipped_inside_its_kernel_is_seen_by_the_lowered_scale(tmp_path, fresh_accelerate):
+    """A fused optimizer under the fp16 GradScaler is always called (it skips inside its kernel), so
+    Accelerate's step_was_skipped stays False; the scaler halving its scale is what tells. Simulated
+    (fp16 needs a GPU; bench/gpu_check.sh checks it for real): the scale halves on step 2 (of 0..4)."""
+    cfg = tiny_config(**SCHEDULED)
+    cfg["runner"]["max_iters"] = 5
+    cfg["data"]["val"] = None
+    trainer, _ = make_trainer(tmp_path, cfg)
+
+    class Scaler:  # the parts of GradScaler the loop touches outside the optimizer
+        value = 65536.0
+
+        def scale(self, loss):
+            return loss
+
+        def unscale_(self, optimizer):
+            pass
+
+        def get_scale(self):
+            return self.value
+
+    scaler = Scaler()
+    trainer.accelerator.scaler = scaler
+    optimizer = trainer.optimizer
+    original = optimizer.step
+    calls = []
+
+    def step(*args, **kwargs):
+        original(*args, **kwargs)
+        if len(calls) == 2:
+            scaler.value /= 2  # what GradScaler.update does after an overflow
+        calls.append(optimizer.step_was_skipped)
+
+    optimizer.step = step
+    trainer.train()
+    assert calls == [False] * 5  # Accelerate saw nothing
+    lrs = [r["lr"] for r in json_log(tmp_path / "work") if r["mode"] == "train"]
+    assert lrs[2] == lrs[3] and lrs[1] != lrs[2]  # the schedule waited one step
+    assert trainer.optimizer_steps == 4 and trainer.iter == 5
