@@ -46,6 +46,7 @@ if [ -n "${OUT:-}" ]; then
     args+=(--out "$OUT")
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # seg_accel from this checkout (not installed there)
 if [ -n "${OUT:-}" ]; then  # the tables on stdout; each run's own log beside them
     exec "$PY" bench/gpu_check.py "${args[@]}" 2> "$OUT/gpu_check_stderr.log"
 fi
