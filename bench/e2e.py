@@ -2,7 +2,7 @@
 """End to end on CamVid: seg-accel against a transformers-example-style loop (bench/example_loop.py).
 
 Same SegFormer (the tiny CamVid one, random init, seed 0), crop 256, batch 4 per process,
-AdamW 6e-4 with a polynomial decay, the same iterations; then each evaluates the 101 val
+AdamW 1e-3 (the config's) with a polynomial decay, the same iterations; then each evaluates the 101 val
 images. Run as a user runs them: the example under `accelerate launch` (torchrun's default of
 one thread per process when several), seg-accel with `seg-accel train [--num-processes N]`
 (its thread budget). seg-accel runs twice per pair: with its defaults (fp32) and with its

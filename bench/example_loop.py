@@ -152,7 +152,7 @@ def main() -> int:
                              id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)},
                              semantic_loss_ignore_index=255)
     model = SegformerForSemanticSegmentation(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.999), weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)  # the CamVid config's
     scheduler = get_scheduler("polynomial", optimizer, num_warmup_steps=0, num_training_steps=args.iters)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
