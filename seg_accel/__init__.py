@@ -4,13 +4,18 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_model"]
+__all__ = ["Predictor", "__version__", "load_model"]
 
 
 def __getattr__(name: str) -> Any:
-    """``seg_accel.load_model``, imported when first used (``import seg_accel`` stays light)."""
+    """``seg_accel.load_model`` and ``seg_accel.Predictor``, imported when first used (``import
+    seg_accel`` stays light)."""
     if name == "load_model":
         from seg_accel.models import load_model
 
         return load_model
+    if name == "Predictor":
+        from seg_accel.engine.predict import Predictor
+
+        return Predictor
     raise AttributeError(f"module 'seg_accel' has no attribute {name!r}")

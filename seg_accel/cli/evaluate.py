@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from seg_accel.cli.common import add_option_arguments, resolve_config, run_cli
+from seg_accel.engine.checkpoint import pick_weights
 from seg_accel.errors import ConfigError
 
 
@@ -40,22 +41,6 @@ def evaluate_parser(prog: str | None = None) -> argparse.ArgumentParser:
     launch.add_argument("--config-file", help="an Accelerate launch config")
     launch.add_argument("--main-process-port", type=int, help="port of the main process (default: a free one)")
     return parser
-
-
-def pick_weights(work_dir: Path) -> Path:
-    """A work dir's ``final/`` export, else its best checkpoint, else its newest one."""
-    from seg_accel.engine.checkpoint import is_complete, latest_checkpoint
-    from seg_accel.engine.workdir import FINAL_DIR
-
-    if (work_dir / FINAL_DIR / "config.json").is_file():
-        return work_dir / FINAL_DIR
-    best = sorted((p for p in work_dir.glob("best_*") if is_complete(p)), key=lambda p: p.stat().st_mtime)
-    if best:
-        return best[-1]
-    latest = latest_checkpoint(work_dir)
-    if latest is None:
-        raise ConfigError(f"{work_dir} holds no final/ export and no complete checkpoint", key="CHECKPOINT")
-    return latest
 
 
 def _run_dir(path: Path) -> Path | None:

@@ -118,6 +118,11 @@ class SegDataset(Dataset):
         size together), or None when that is not known cheaply."""
         return None
 
+    def sample_name(self, index: int) -> str:
+        """A file name (without suffix) for outputs about sample ``index`` (overlays): the source
+        image's name where there is one, else the zero-padded index."""
+        return f"{index:06d}"
+
     def where(self, index: int) -> str:
         return f"{self.key} ({self.describe(index)}), index {index}"
 

@@ -108,6 +108,9 @@ class CustomDataset(SegDataset):
         img_path, ann_path = self.paths(index)
         return f"CustomDataset, image {img_path}, label {ann_path}"
 
+    def sample_name(self, index: int) -> str:
+        return self.names[index]
+
     def image_size(self, index: int) -> tuple[int, int] | None:
         try:
             with Image.open(self.paths(index)[0]) as img:  # the header only

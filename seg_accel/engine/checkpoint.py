@@ -331,3 +331,18 @@ def load_weights(model: Any, path: Path, key: str = "load_from", strict: bool = 
                        f"{'; ' if problems else ''}{len(missing)} kept at their initialisation (e.g. {missing[0]})"
                        if missing else "")
     logger.info("loaded weights from %s", path)
+
+
+def pick_weights(work_dir: Path) -> Path:
+    """A work dir's ``final/`` export, else its best checkpoint, else its newest one."""
+    from seg_accel.engine.workdir import FINAL_DIR
+
+    if (work_dir / FINAL_DIR / "config.json").is_file():
+        return work_dir / FINAL_DIR
+    best = sorted((p for p in work_dir.glob("best_*") if is_complete(p)), key=lambda p: p.stat().st_mtime)
+    if best:
+        return best[-1]
+    latest = latest_checkpoint(work_dir)
+    if latest is None:
+        raise ConfigError(f"{work_dir} holds no final/ export and no complete checkpoint", key="CHECKPOINT")
+    return latest

@@ -20,13 +20,9 @@ from seg_accel.config.loader import Config
 from seg_accel.config.schema import TrainConfig
 from seg_accel.engine.log import setup_logging
 from seg_accel.errors import ConfigError
+from seg_accel.metrics.palette import default_palette, overlay_panel
 
 logger = logging.getLogger("seg_accel")
-
-
-def default_palette(num_classes: int) -> np.ndarray:
-    """Distinct, fixed colours when the dataset has no palette."""
-    return np.random.default_rng(42).integers(0, 256, size=(num_classes, 3), dtype=np.uint8)
 
 
 def load_model(cfg: TrainConfig, checkpoint: str) -> Any:
@@ -68,30 +64,27 @@ def _output_channels(model: Any) -> int | None:
 
 
 class Overlays:
-    """``--show-dir``: per image, the prediction and the ground truth blended over the image."""
+    """``--show-dir``: per image, the prediction and the ground truth blended over the image, side
+    by side under a header naming each, with a legend of the classes either shows; named after
+    the source image (``<show_dir>/<image name>.png``)."""
 
     def __init__(self, dataset: Any, show_dir: Path, opacity: float, ignore_index: int):
         if getattr(dataset, "streaming", False):
             raise ConfigError("--show-dir needs a map-style dataset (streaming: false)", key="--show-dir")
         self.dataset, self.show_dir, self.opacity, self.ignore = dataset, show_dir, opacity, ignore_index
         palette = dataset.palette if dataset.palette is not None else default_palette(len(dataset.classes))
-        self.palette = np.asarray(palette, dtype=np.float32)
+        self.palette = np.asarray(palette, dtype=np.uint8)
         show_dir.mkdir(parents=True, exist_ok=True)
 
-    def blend(self, img: np.ndarray, classes: np.ndarray) -> np.ndarray:
-        valid = (classes != self.ignore) & (classes < len(self.palette))
-        colour = self.palette[np.where(valid, classes, 0)]
-        out = img.astype(np.float32)
-        out[valid] = out[valid] * (1 - self.opacity) + colour[valid] * self.opacity
-        return out.clip(0, 255).astype(np.uint8)
-
     def __call__(self, batch: dict[str, Any], pred: torch.Tensor) -> None:
-        from PIL import Image
-
         for index, p, label in zip(batch["indices"].tolist(), pred.cpu().numpy(), batch["labels"].numpy()):
             img, _ = self.dataset.load(index)
-            panel = np.concatenate([self.blend(img, p), self.blend(img, label)], axis=1)  # prediction | truth
-            Image.fromarray(panel).save(self.show_dir / f"{index:06d}.png")
+            present = np.union1d(np.unique(p), np.unique(label[label != self.ignore]))
+            panel = overlay_panel([("prediction", img, p), ("ground truth", img, label)], self.dataset.classes,
+                                  self.palette, self.opacity, present, self.ignore)
+            target = self.show_dir / f"{self.dataset.sample_name(index)}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            panel.save(target)
 
 
 def save_plots(out: Path, classes: list[str], cm: torch.Tensor, results: dict[str, Any]) -> list[Path]:

@@ -100,6 +100,17 @@ def test_no_validate_means_no_evaluation(tmp_path, fresh_accelerate):
     assert (work / "final" / "model.safetensors").is_file()
 
 
+def test_evaluation_null_in_the_config_means_no_evaluation(tmp_path, fresh_accelerate):
+    """``evaluation: null`` in the YAML: no evaluation at all, not even at the end (data.val is set)."""
+    cfg = short_config(evaluation=None)
+    assert cfg["data"]["val"] is not None
+    assert train(tmp_path, cfg) == 0
+    work = tmp_path / "work"
+    assert not (work / "eval_results.json").exists()
+    assert all(r["mode"] == "train" for r in json_log(work))
+    assert (work / "final" / "model.safetensors").is_file()
+
+
 def test_seed_sets_the_seed(tmp_path, fresh_accelerate):
     cfg = short_config()
     cfg["runner"]["max_iters"] = 2

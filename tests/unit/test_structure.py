@@ -10,7 +10,7 @@ from tests.conftest import REPO
 PACKAGE = REPO / "seg_accel"
 # lower layers first; a module may import from its own layer's package and from lower layers
 LAYERS = [["errors", "threads"], ["config"], ["registry"], ["data", "losses", "metrics", "optim"], ["models"], ["engine"],
-          ["hub"], ["cli", "train", "evaluate", "__main__"]]
+          ["hub"], ["cli", "train", "evaluate", "predict", "__main__"]]
 
 
 def unit_of(path: Path) -> str:
