@@ -194,8 +194,8 @@ def throughput(args: argparse.Namespace, report: Report, started: float) -> None
     if not args.dry:  # compiled rows last: each compiles the model's forward and backward (minutes)
         compiled = ["no", "bf16", "fp16"] if args.full else ["bf16"]
         rows += [(m, p, cl, True) for m in models for p in compiled for cl in (False, True)]
-    lines = [f"| model | precision | channels_last | compile | images/s | step (ms) | vs fp32 eager | "
-             f"peak memory (GiB) | compile warm-up (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | precision | channels_last | compile | images/s | step (ms) | vs fp32 eager | "
+             "peak memory (GiB) | compile warm-up (s) |", "|---|---|---|---|---|---|---|---|---|"]
     base: dict[str, float] = {}
     for model, precision, channels_last, compiled in rows:
         name = f"| {model} | {precision if precision != 'no' else 'fp32'} | {'yes' if channels_last else 'no'} | " \

@@ -1,7 +1,6 @@
 """seg_accel.Predictor and the predict command's parts: inputs, names, outputs, probabilities, palette."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
