@@ -29,7 +29,13 @@ def evaluate_parser(prog: str | None = None) -> argparse.ArgumentParser:
                              "folder, work dir or Hub id")
     add_option_arguments(parser)
     parser.add_argument("--metrics", nargs="+", default=["mIoU"], choices=sorted(METRICS),
-                        help="mIoU (IoU, Acc), mDice (Dice, Acc), mFscore (Fscore, Precision, Recall)")
+                        help="mIoU (IoU, Acc), mDice (Dice, Acc), mFscore (Fscore, Precision, Recall), AUC (2-class "
+                             "models: ROC and precision-recall areas from the foreground probability)")
+    parser.add_argument("--threshold-sweep", action="store_true",
+                        help="2-class models: the foreground-probability threshold with the best foreground Dice, "
+                             "in one pass")
+    parser.add_argument("--per-image", action="store_true",
+                        help="also write each image's metrics to <out stem>_per_image.csv")
     parser.add_argument("--aug-test", action="store_true",
                         help="multi-scale (model.test_cfg.img_ratios, default 0.5-1.75) and flip test-time augmentation")
     parser.add_argument("--out", help="results JSON (default: <work_dir>/eval/<name>/results.json beside what is "
@@ -94,13 +100,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         return _launch(args, config, weights)
     cfg = load_config(config, args.cfg_options)
     train_cfg = validate_train_config(cfg)
+    if ("AUC" in args.metrics or args.threshold_sweep) and len(train_cfg.classes) != 2:
+        raise ConfigError(f"needs a 2-class model (foreground vs background); the data has {len(train_cfg.classes)} "
+                          "classes", key="--metrics AUC" if "AUC" in args.metrics else "--threshold-sweep")
     out = Path(args.out) if args.out else default_out(weights, run_dir, train_cfg.work_dir)
 
     from seg_accel.engine.tester import evaluate_checkpoint
 
     with cfg.errors_located():
         evaluate_checkpoint(train_cfg, cfg, weights, args.metrics, args.aug_test, out,
-                            Path(args.show_dir) if args.show_dir else None, args.opacity)
+                            Path(args.show_dir) if args.show_dir else None, args.opacity, args.threshold_sweep,
+                            args.per_image)
     return 0
 
 
@@ -111,8 +121,10 @@ def _launch(args: argparse.Namespace, config: str, weights: str) -> int:
     for flag, value in (("--out", args.out), ("--show-dir", args.show_dir)):
         if value is not None:
             argv += [flag, value]
-    if args.aug_test:
-        argv.append("--aug-test")
+    for flag, on in (("--aug-test", args.aug_test), ("--threshold-sweep", args.threshold_sweep),
+                     ("--per-image", args.per_image)):
+        if on:
+            argv.append(flag)
     if args.cfg_options:
         argv += ["--cfg-options", *args.cfg_options]
     return launch("seg_accel.evaluate", argv,

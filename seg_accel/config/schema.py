@@ -18,7 +18,7 @@ PRIORITIES = {
     "HIGHEST": 0, "VERY_HIGH": 10, "HIGH": 30, "ABOVE_NORMAL": 40, "NORMAL": 50,
     "BELOW_NORMAL": 60, "LOW": 70, "VERY_LOW": 90, "LOWEST": 100,
 }
-METRICS = ("mIoU", "mDice", "mFscore")
+METRICS = ("mIoU", "mDice", "mFscore", "AUC")  # AUC: 2-class models (ROC and PR areas)
 # keys of the optimizer section that are not the optimizer's own keyword arguments
 OPTIMIZER_OWN_KEYS = ("constructor", "paramwise_cfg")
 
@@ -280,7 +280,7 @@ class EvaluationConfig:
         """The metric ``save_best`` tracks (``auto``: the first metric)."""
         if self.save_best == "auto":
             first = self.metrics()[0]
-            return "m" + ("IoU" if first == "mIoU" else first[1:])
+            return "AUC_ROC" if first == "AUC" else "m" + ("IoU" if first == "mIoU" else first[1:])
         return self.save_best
 
 
@@ -412,6 +412,9 @@ class TrainConfig:
         evaluation = self.evaluation
         if evaluation is not None and self.data.val is None and (evaluation.interval or evaluation.save_best):
             raise ConfigError("evaluation needs data.val", key="evaluation")
+        if evaluation is not None and "AUC" in evaluation.metrics() and self.classes and len(self.classes) != 2:
+            raise ConfigError(f"AUC needs a 2-class model (foreground vs background); the data has "
+                              f"{len(self.classes)} classes", key="evaluation.metric")
         checkpoints = self.checkpoint_config
         if checkpoints is not None and checkpoints.by_epoch and not self.runner.by_epoch:
             raise ConfigError("by_epoch: true needs EpochBasedRunner", key="checkpoint_config.by_epoch")

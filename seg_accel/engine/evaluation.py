@@ -15,7 +15,15 @@ from tqdm.auto import tqdm
 
 from seg_accel.engine.inference import Inferencer
 from seg_accel.engine.workdir import agree_on_write, write_text_atomic
+from seg_accel.errors import ConfigError
 from seg_accel.metrics import confusion_matrix, format_table, metrics_from_confusion
+from seg_accel.metrics.binary import (
+    ScoreHistogram,
+    binary_from_confusion,
+    foreground_probability,
+    roc_pr,
+    threshold_sweep,
+)
 
 if TYPE_CHECKING:
     from seg_accel.engine.loggers import RunLog
@@ -37,11 +45,15 @@ def collect_confusion(
     inferencer: Inferencer | None = None,
     on_batch: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
     skipped: list[str] | None = None,
+    histogram: ScoreHistogram | None = None,
+    per_image: list[tuple[int, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """This process's confusion matrix over its shard of ``loader``: scores at each original
     label size (``inferencer``: whole image by default), class ids, ``bincount``.
     ``on_batch(batch, predictions)`` sees every batch (visualisation); ``skipped`` collects
-    the bad samples that ``skip_bad_samples`` replaced (their stand-ins count no pixel)."""
+    the bad samples that ``skip_bad_samples`` replaced (their stand-ins count no pixel);
+    ``histogram`` counts the foreground probabilities (2 classes); ``per_image`` collects
+    ``(index, confusion matrix)`` of every image."""
     inferencer = inferencer or Inferencer(None, align_corners, autocast, threshold)
     was_training = model.training
     model.eval()
@@ -50,8 +62,14 @@ def collect_confusion(
         for batch in tqdm(loader, desc="eval", disable=not show_progress, leave=False, dynamic_ncols=True):
             pixel_values = batch["pixel_values"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
-            pred = inferencer.predict(inferencer.scores(model, pixel_values, labels.shape[-2:]))
+            scores = inferencer.scores(model, pixel_values, labels.shape[-2:])
+            pred = inferencer.predict(scores)
             cm += confusion_matrix(pred, labels, num_classes, ignore_index)
+            if histogram is not None:
+                histogram.update(foreground_probability(scores, inferencer.augmented), labels, ignore_index)
+            if per_image is not None:
+                for index, p, label in zip(batch["indices"].tolist(), pred, labels):
+                    per_image.append((index, confusion_matrix(p, label, num_classes, ignore_index).cpu()))
             if skipped is not None:
                 skipped += [reason for _, reason in batch.get("skipped", [])]
             if on_batch is not None:
@@ -79,14 +97,25 @@ def broadcast_norm_buffers(accelerator: Any, model: torch.nn.Module) -> None:
 def evaluate_model(accelerator: Any, model: torch.nn.Module, loader: DataLoader, classes: list[str],
                    ignore_index: int, inferencer: Inferencer, metrics: list[str],
                    on_batch: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
-                   ) -> tuple[torch.Tensor, dict[str, Any]]:
+                   sweep: bool = False, per_image: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """(confusion matrix summed over every process, metrics); identical for any number of
     processes. The per-class table is logged, and the bad samples skipped (each process's).
-    ``results["skipped"]`` counts those of all processes."""
+    ``results["skipped"]`` counts those of all processes. With 2 classes the binary metrics
+    (foreground IoU/Dice, sensitivity, specificity, precision) lead the results; ``AUC`` in
+    ``metrics`` adds ROC/PR areas and curves (``results["curves"]``), ``sweep`` the best
+    threshold (``results["threshold_sweep"]``), ``per_image`` each image's metrics
+    (``results["per_image"]``, main process)."""
+    binary = len(classes) == 2
+    if ("AUC" in metrics or sweep) and not binary:
+        raise ConfigError(f"AUC and the threshold sweep need a 2-class model (foreground vs background); this one "
+                          f"has {len(classes)} classes", key="--metrics" if "AUC" in metrics else "--threshold-sweep")
     skipped: list[str] = []
+    histogram = ScoreHistogram(device=accelerator.device) if "AUC" in metrics or sweep else None
+    images: list[tuple[int, torch.Tensor]] | None = [] if per_image else None
     cm = collect_confusion(accelerator.unwrap_model(model, keep_torch_compile=False), loader, len(classes), ignore_index,
                            device=accelerator.device, show_progress=accelerator.is_main_process,
-                           inferencer=inferencer, on_batch=on_batch, skipped=skipped)
+                           inferencer=inferencer, on_batch=on_batch, skipped=skipped, histogram=histogram,
+                           per_image=images)
     if skipped:
         logger.warning("evaluation: process %d skipped %d bad sample(s), not counted: %s", accelerator.process_index,
                        len(skipped), "; ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
@@ -94,14 +123,62 @@ def evaluate_model(accelerator: Any, model: torch.nn.Module, loader: DataLoader,
     if accelerator.num_processes > 1:
         cm = accelerator.reduce(cm, reduction="sum")
         count = accelerator.reduce(count, reduction="sum")
-    results = metrics_from_confusion(cm, metrics)
+        if histogram is not None:
+            histogram.counts = accelerator.reduce(histogram.counts, reduction="sum")
+        if images is not None:
+            from accelerate.utils import gather_object
+
+            images = gather_object([(i, m.tolist()) for i, m in images])
+    results: dict[str, Any] = binary_from_confusion(cm) if binary else {}
+    results.update(metrics_from_confusion(cm, [m for m in metrics if m != "AUC"]))
+    if histogram is not None:
+        areas = roc_pr(histogram.positives, histogram.negatives)
+        if "AUC" in metrics:
+            results.update({k: areas[k] for k in ("AUC_ROC", "AUC_PR", "auc_bin_error_bound")})
+            results["curves"] = {k: areas[k] for k in ("fpr", "tpr", "recall", "precision")}
+        if sweep:
+            results["threshold_sweep"] = threshold_sweep(histogram.positives, histogram.negatives)
+    if images is not None:
+        results["per_image"] = per_image_metrics(images, classes)
     logger.info("per-class results:\n%s", format_table(classes, results["per_class"]))
+    if binary:
+        logger.info("foreground (%s): %s", classes[1], "  ".join(
+            f"{k}: {results[k]:.2f}" for k in ("fgIoU", "fgDice", "Sensitivity", "Specificity", "Precision")))
+    if "threshold_sweep" in results:
+        best = results["threshold_sweep"]
+        logger.info("threshold sweep: the best threshold by foreground Dice is %.4f (fgDice %.2f, fgIoU %.2f)",
+                    best["threshold"], best["fgDice"], best["fgIoU"])
     return cm, {**results, "skipped": int(count.item())}
+
+
+def per_image_metrics(images: list[tuple[int, Any]], classes: list[str]) -> list[dict[str, Any]]:
+    """Each image's metrics from its own confusion matrix, in dataset order: per-class IoU and
+    Dice (and, with 2 classes, the binary metrics), pixel accuracy."""
+    rows = []
+    for index, matrix in sorted(images, key=lambda item: item[0]):
+        cm = torch.as_tensor(matrix)
+        scores = metrics_from_confusion(cm, ["mIoU", "mDice"])
+        row: dict[str, Any] = {"index": index, "aAcc": scores["aAcc"], "mIoU": scores["mIoU"], "mDice": scores["mDice"]}
+        if len(classes) == 2:
+            row.update(binary_from_confusion(cm))
+        for column in ("IoU", "Dice"):
+            row.update({f"{column}.{name}": value for name, value in zip(classes, scores["per_class"][column])})
+        rows.append(row)
+    return rows
+
+
+SCALAR_TYPES = (int, float)
+
+
+def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics of an evaluation (no per-class columns, curves or per-image rows)."""
+    return {k: v for k, v in results.items() if isinstance(v, SCALAR_TYPES) and not isinstance(v, bool)
+            and k not in ("skipped", "auc_bin_error_bound")}
 
 
 def eval_record(results: dict[str, Any], classes: list[str]) -> dict[str, Any]:
     """The summary metrics and ``<column>.<class>`` per-class values of one evaluation."""
-    summary = {k: v for k, v in results.items() if k != "per_class"}
+    summary = summary_metrics(results)
     per_class = {f"{column}.{name}": value for column, values in results["per_class"].items()
                  for name, value in zip(classes, values)}
     return {**summary, **per_class}
@@ -135,7 +212,7 @@ class Evaluator:
         if acc.is_main_process:
             payload = {
                 "iter": iteration, "epoch": epoch,
-                "metrics": {k: v for k, v in results.items() if k != "per_class"},
+                "metrics": summary_metrics(results),
                 "per_class": {c: dict(zip(self.classes, v)) for c, v in results["per_class"].items()},
                 "confusion_matrix": cm.cpu().tolist(), "classes": self.classes,
                 "num_processes": acc.num_processes, "skipped_samples": skipped, "seconds": round(seconds, 3),

@@ -129,7 +129,57 @@ def save_plots(out: Path, classes: list[str], cm: torch.Tensor, results: dict[st
     iou_png = out.with_name(out.stem + "_iou.png")
     fig.savefig(iou_png, dpi=100)
     plt.close(fig)
-    return [confusion_png, iou_png]
+    written = [confusion_png, iou_png]
+    if "Dice" in results["per_class"]:
+        dice = np.nan_to_num(np.asarray(results["per_class"]["Dice"], dtype=float), nan=0.0)
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(classes) + 2), 4))
+        ax.bar(range(len(classes)), dice, color="tab:green")
+        ax.axhline(results["mDice"], color="tab:red", linestyle="--", label=f"mDice {results['mDice']:.2f}")
+        ax.set_xticks(range(len(classes)), classes, rotation=90)
+        ax.set_ylabel("Dice (%)")
+        ax.set_ylim(0, 100)
+        ax.legend()
+        ax.set_title("per-class Dice")
+        fig.tight_layout()
+        written.append(out.with_name(out.stem + "_dice.png"))
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    if "curves" in results:
+        curves = results["curves"]
+        fig, (roc, pr) = plt.subplots(1, 2, figsize=(9, 4.2))
+        roc.plot(curves["fpr"], curves["tpr"], color="tab:blue")
+        roc.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        roc.set_xlabel("false positive rate (1 - specificity)")
+        roc.set_ylabel("true positive rate (sensitivity)")
+        roc.set_title(f"ROC, AUC {results['AUC_ROC']:.2f}%")
+        pr.plot(curves["recall"], curves["precision"], color="tab:orange")
+        pr.set_xlabel("recall (sensitivity)")
+        pr.set_ylabel("precision")
+        pr.set_ylim(0, 1.02)
+        pr.set_title(f"precision-recall, AUC {results['AUC_PR']:.2f}%")
+        fig.tight_layout()
+        written.append(out.with_name(out.stem + "_roc_pr.png"))
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
+
+
+def save_per_image_csv(path: Path, rows: list[dict[str, Any]], dataset: Any) -> Path:
+    """One row per image: its name, then its metrics (in %; empty where undefined)."""
+    import csv
+    import math
+
+    columns = ["image", *[k for k in rows[0] if k != "index"]] if rows else ["image"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            values = [dataset.sample_name(row["index"])]
+            for column in columns[1:]:
+                value = row[column]
+                values.append("" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}")
+            writer.writerow(values)
+    return path
 
 
 def save_results(out: Path, payload: dict[str, Any]) -> None:
@@ -160,9 +210,11 @@ def save_results(out: Path, payload: dict[str, Any]) -> None:
 
 
 def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metrics: list[str], aug_test: bool,
-                        out: Path, show_dir: Path | None = None, opacity: float = 0.5) -> dict[str, Any]:
-    """Score ``checkpoint``; print the table; write ``out`` (JSON) and its two PNGs (main process)."""
-    from seg_accel.engine.evaluation import evaluate_model
+                        out: Path, show_dir: Path | None = None, opacity: float = 0.5, sweep: bool = False,
+                        per_image: bool = False) -> dict[str, Any]:
+    """Score ``checkpoint``; print the table; write ``out`` (JSON), its charts and with
+    ``per_image`` ``<out stem>_per_image.csv`` (main process)."""
+    from seg_accel.engine.evaluation import evaluate_model, summary_metrics
     from seg_accel.engine.setup import build_accelerator, build_eval_loader, build_inferencer, check_split
 
     acc, _ = build_accelerator(cfg, training=False)
@@ -180,15 +232,19 @@ def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metr
                 f", scales {inferencer.ratios}{' + flip' if inferencer.flip else ''}" if inferencer.augmented else "")
     start = time.perf_counter()
     cm, results = evaluate_model(acc, model, loader, list(cfg.classes), cfg.ignore_index, inferencer, metrics,
-                                 on_batch=overlays)
+                                 on_batch=overlays, sweep=sweep, per_image=per_image)
     seconds = time.perf_counter() - start
     skipped = results.pop("skipped")
     images = len(dataset) - skipped
     if acc.is_main_process:
-        summary = {k: v for k, v in results.items() if k != "per_class"}
+        summary = summary_metrics(results)
         logger.info("%s", "  ".join(f"{k}: {v:.2f}" for k, v in summary.items()))
+        extra = {key: results[key] for key in ("threshold_sweep", "curves") if key in results}
+        if "auc_bin_error_bound" in results:
+            extra["auc_bin_error_bound"] = results["auc_bin_error_bound"]
         payload = {
             "metrics": summary,
+            **extra,
             "per_class": {c: dict(zip(cfg.classes, v)) for c, v in results["per_class"].items()},
             "classes": list(cfg.classes),
             "confusion_matrix": cm.cpu().tolist(),
@@ -203,6 +259,8 @@ def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metr
         out.parent.mkdir(parents=True, exist_ok=True)
         save_results(out, payload)
         plots = save_plots(out, list(cfg.classes), cm, results)
+        if "per_image" in results:
+            plots.append(save_per_image_csv(out.with_name(out.stem + "_per_image.csv"), results["per_image"], dataset))
         logger.info("wrote %s, %s", out, ", ".join(str(p) for p in plots))
         if show_dir is not None:
             logger.info("overlays (prediction | ground truth) in %s", show_dir)
