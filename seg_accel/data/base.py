@@ -166,7 +166,30 @@ class SegDataset(Dataset):
             raise
         except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable, missing, undecodable
             raise DataError(f"{self.where(index)}: cannot read it: {type(exc).__name__}: {exc}") from exc
-        return img, self.check(index, img, label)
+        label = self.check(index, img, label)
+        try:
+            region = self.read_region(index)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{self.where(index)}: cannot read its region mask: {type(exc).__name__}: {exc}") from exc
+        if region is not None:
+            label = self.apply_region(index, label, region)
+        return img, label
+
+    def read_region(self, index: int) -> np.ndarray | None:
+        """The region mask of sample ``index`` (``mask_dir``), or None: zero pixels are outside."""
+        return None
+
+    def apply_region(self, index: int, label: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """Pixels outside the region (mask value 0) become ``ignore_index``: no loss, no gradient,
+        no metric counts them."""
+        if region.ndim == 3:  # an RGB(A) mask: outside where every channel is 0
+            region = region.any(axis=2)
+        if region.shape != label.shape:
+            raise DataError(f"{self.where(index)}: the region mask is {region.shape[1]}x{region.shape[0]} (w x h) but "
+                            f"the label is {label.shape[1]}x{label.shape[0]}")
+        if label.dtype.kind in "ui" and self.ignore_index > np.iinfo(label.dtype).max:
+            label = label.astype(np.int64)
+        return np.where(region != 0, label, np.asarray(self.ignore_index, dtype=label.dtype))
 
     def prepare(self, index: int, img: np.ndarray, label: np.ndarray, seed: int | None) -> dict[str, Any]:
         """Run the pipeline on a checked sample (one torch thread: ``one_thread``)."""

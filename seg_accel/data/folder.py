@@ -33,7 +33,9 @@ class CustomDataset(SegDataset):
     ``split``: optional text file listing the samples to use, one per line (a name,
     a file name or a path; only the base name of the first word counts, so
     SegNet-style list files work). ``classes``: the class names, or an
-    ``id2label.json`` in ``data_root``. ``label_map`` remaps label values
+    ``id2label.json`` in ``data_root``. ``mask_dir`` (with ``mask_suffix``): a region mask per
+    sample, ``<name><mask_suffix>``, whose zero pixels become ``ignore_index`` for losses and
+    metrics (a field-of-view mask: DRIVE, STARE, CHASE_DB1, HRF). ``label_map`` remaps label values
     (``{11: 255}`` makes CamVid's void ignored); ``reduce_zero_label`` maps 0 to 255
     and every other label to label - 1.
     """
@@ -51,6 +53,8 @@ class CustomDataset(SegDataset):
         reduce_zero_label: bool = False,
         palette: list[list[int]] | None = None,
         pipeline: list[dict] | None = None,
+        mask_dir: str | None = None,
+        mask_suffix: str = ".png",
     ):
         super().__init__(pipeline, self.resolve_classes(data_root=data_root, classes=classes), label_map,
                          reduce_zero_label, palette)
@@ -58,7 +62,12 @@ class CustomDataset(SegDataset):
         self.ann_dir = _root(data_root, ann_dir)
         self.img_suffix = img_suffix
         self.seg_map_suffix = seg_map_suffix
-        for name, path in (("img_dir", self.img_dir), ("ann_dir", self.ann_dir)):
+        self.mask_dir = _root(data_root, mask_dir) if mask_dir is not None else None
+        self.mask_suffix = mask_suffix
+        folders = [("img_dir", self.img_dir), ("ann_dir", self.ann_dir)]
+        if self.mask_dir is not None:
+            folders.append(("mask_dir", self.mask_dir))
+        for name, path in folders:
             if not path.is_dir():
                 raise ConfigError(f"directory not found: {path}", key=name)
         if split is not None:
@@ -110,6 +119,15 @@ class CustomDataset(SegDataset):
 
     def sample_name(self, index: int) -> str:
         return self.names[index]
+
+    def read_region(self, index: int) -> np.ndarray | None:
+        if self.mask_dir is None:
+            return None
+        path = self.mask_dir / f"{self.names[index]}{self.mask_suffix}"
+        if not path.is_file():
+            raise FileNotFoundError(f"no region mask {path} (mask_dir, mask_suffix)")
+        with Image.open(path) as mask:
+            return np.array(mask)
 
     def image_size(self, index: int) -> tuple[int, int] | None:
         try:
