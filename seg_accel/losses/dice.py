@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seg_accel.losses.utils import load_class_weight, one_hot, resolve_ignore_index, valid_mask
+from seg_accel.losses.utils import binary_target, load_class_weight, one_hot, resolve_ignore_index, valid_mask
 from seg_accel.registry import LOSSES
 
 
@@ -14,7 +14,9 @@ class DiceLoss(nn.Module):
     per class ``i`` and image ``n``:
     ``d = 1 - (2 * sum(P*Y*m) + smooth) / (sum(P**e * m) + sum(Y**e * m) + smooth)``;
     mean over images, times ``class_weight[i]``; mean over classes, times ``loss_weight``.
-    (MMSegmentation 0.x counts ignored pixels in the denominator; we do not.)"""
+    (MMSegmentation 0.x counts ignored pixels in the denominator; we do not.) A 1-channel
+    (sigmoid) head: ``P = sigmoid(z)`` against the 0/1 labels, the foreground's Dice only
+    (``class_weight``, two values: the second scales it)."""
 
     def __init__(
         self,
@@ -40,13 +42,18 @@ class DiceLoss(nn.Module):
         ignore_index: int = 255,
     ) -> torch.Tensor:
         ignore = resolve_ignore_index(self.ignore_index, ignore_index)
-        probs = logits_nchw.float().softmax(1)
-        target = one_hot(labels_nhw, probs.shape[1], ignore)
+        if logits_nchw.shape[1] == 1:
+            probs = logits_nchw.float().sigmoid()
+            target = binary_target(labels_nhw, ignore).unsqueeze(1)
+        else:
+            probs = logits_nchw.float().softmax(1)
+            target = one_hot(labels_nhw, probs.shape[1], ignore)
         mask = valid_mask(labels_nhw, ignore, pixel_weight_nhw).unsqueeze(1)
         inter = (probs * target * mask).flatten(2).sum(2)
         denom = (probs.pow(self.exponent) * mask).flatten(2).sum(2) + (target.pow(self.exponent) * mask).flatten(2).sum(2)
         dice = 1 - (2 * inter + self.smooth) / (denom + self.smooth)  # (N, C)
         per_class = dice.mean(0)
         if self.class_weight is not None:
-            per_class = per_class * torch.tensor(self.class_weight, dtype=per_class.dtype, device=per_class.device)
+            weights = torch.tensor(self.class_weight, dtype=per_class.dtype, device=per_class.device)
+            per_class = per_class * (weights[-1:] if per_class.numel() == 1 else weights)
         return self.loss_weight * per_class.mean()

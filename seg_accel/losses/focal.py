@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from seg_accel.errors import ConfigError
-from seg_accel.losses.utils import load_class_weight, one_hot, reduce_pixel_loss, resolve_ignore_index, valid_mask
+from seg_accel.losses.utils import (
+    binary_target,
+    load_class_weight,
+    one_hot,
+    reduce_pixel_loss,
+    resolve_ignore_index,
+    valid_mask,
+)
 from seg_accel.registry import LOSSES
 
 
@@ -17,7 +24,8 @@ class FocalLoss(nn.Module):
     """Per pixel and class channel ``c`` with one-hot target ``t`` and ``p = sigmoid(z)``:
     ``BCE(z, t) * (alpha*t + (1-alpha)*(1-t)) * (t*(1-p) + (1-t)*p) ** gamma``, times
     ``class_weight[c]``; ignored pixels count 0. ``mean`` divides by all N*C*H*W elements
-    (as MMSegmentation). ``alpha`` may be one number or one per class."""
+    (as MMSegmentation). ``alpha`` may be one number or one per class. A 1-channel (sigmoid)
+    head: ``t`` is the 0/1 label, ``class_weight[label]`` weights the pixel."""
 
     def __init__(
         self,
@@ -47,15 +55,19 @@ class FocalLoss(nn.Module):
         """``(N, H, W)``: the focal terms of a pixel summed over its class channels."""
         ignore = resolve_ignore_index(self.ignore_index, ignore_index)
         z = logits_nchw.float()
-        target = one_hot(labels_nhw, z.shape[1], ignore)
+        binary = z.shape[1] == 1  # a 1-channel head: its channel's target is the 0/1 label itself
+        target = binary_target(labels_nhw, ignore).unsqueeze(1) if binary else one_hot(labels_nhw, z.shape[1], ignore)
         p = z.sigmoid()
         alpha = torch.as_tensor(self.alpha, dtype=z.dtype, device=z.device)
         if alpha.ndim == 1:
+            alpha = alpha[-1:] if binary else alpha  # 1 channel: the foreground's alpha
             alpha = alpha.view(1, -1, 1, 1)
         weight = (alpha * target + (1 - alpha) * (1 - target)) * (target * (1 - p) + (1 - target) * p).pow(self.gamma)
         loss = F.binary_cross_entropy_with_logits(z, target, reduction="none") * weight
         if self.class_weight is not None:
-            loss = loss * torch.tensor(self.class_weight, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+            weights = torch.tensor(self.class_weight, dtype=z.dtype, device=z.device)
+            # a 1-channel head weights each pixel by class_weight[label], as the sigmoid CE does
+            loss = loss * (weights[target.long()] if binary else weights.view(1, -1, 1, 1))
         return (loss * valid_mask(labels_nhw, ignore).unsqueeze(1)).sum(1)
 
     def forward(

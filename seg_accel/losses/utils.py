@@ -70,3 +70,12 @@ def one_hot(labels_nhw: torch.Tensor, num_classes: int, ignore_index: int) -> to
     safe = torch.where(labels_nhw == ignore_index, torch.zeros_like(labels_nhw), labels_nhw)
     hot = torch.nn.functional.one_hot(safe, num_classes).permute(0, 3, 1, 2).to(torch.float32)
     return hot * (labels_nhw != ignore_index).unsqueeze(1)
+
+
+def binary_target(labels_nhw: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """A 1-channel (sigmoid) head's target ``(N, H, W)``: labels 0/1 as floats, ignored pixels 0
+    (masked by the caller)."""
+    labels = torch.where(labels_nhw == ignore_index, torch.zeros_like(labels_nhw), labels_nhw)
+    if labels.numel() and labels.max() > 1:
+        raise ValueError("a 1-channel sigmoid head takes labels 0 and 1 only (two classes)")
+    return labels.to(torch.float32)

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("seg_accel")
 
+# the losses that know a 1-channel sigmoid head (labels 0/1)
+BINARY_HEAD_LOSSES = ("CrossEntropyLoss", "DiceLoss", "FocalLoss", "LovaszLoss")
+
 
 def model_family(model_type: str, key: str = "model.type") -> ModelFamily:
     """The family of ``model.type``: the entry's own ``seg_accel_family`` (a family object a
@@ -75,9 +78,16 @@ def check_model_against_data(model_cfg: ModelConfig, classes: list[str], key: st
                 key=f"{key}.decode_head.out_channels",
             )
         for i, loss in enumerate(head.loss_cfgs()):
-            if loss.get("type") != "CrossEntropyLoss" or not loss.get("use_sigmoid", False):
-                raise ConfigError("a 1-channel head needs CrossEntropyLoss with use_sigmoid: true",
-                                  key=head.loss_key(f"{key}.decode_head", i))
+            kind = loss.get("type")
+            where = head.loss_key(f"{key}.decode_head", i)
+            if kind == "CrossEntropyLoss" and not loss.get("use_sigmoid", False):
+                raise ConfigError("a 1-channel head needs CrossEntropyLoss with use_sigmoid: true", key=where)
+            if kind == "LovaszLoss" and loss.get("loss_type") != "binary":
+                raise ConfigError("a 1-channel head needs LovaszLoss with loss_type: binary (the Lovasz hinge)",
+                                  key=where)
+            if kind not in BINARY_HEAD_LOSSES:
+                raise ConfigError(f"a 1-channel (sigmoid) head takes {', '.join(BINARY_HEAD_LOSSES)}; got {kind}",
+                                  key=where)
     check_model_config(model_cfg, key, classes)
 
 
