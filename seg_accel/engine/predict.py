@@ -224,8 +224,11 @@ class Predictor:
         from seg_accel.models import load_model
         from seg_accel.models.builder import resolve_export
 
-        folder = resolve_export(source)
-        model = load_model(folder)
+        try:
+            folder = resolve_export(source)
+            model = load_model(folder)
+        except (OSError, ImportError) as exc:
+            raise ConfigError(f"cannot load the model: {exc}", key="SOURCE") from exc
         config = json.loads((folder / "config.json").read_text())
         id2label = config.get("id2label") or {}
         names = [id2label[k] for k in sorted(id2label, key=int)] if id2label else []
