@@ -205,12 +205,15 @@ class Predictor:
     def predict_batch(self, pixel_values: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(labels (N, H, W), probs (N, C, H, W))`` at ``size`` for a prepared batch."""
         scores = self.inferencer.scores(self.model, pixel_values.to(self.device), tuple(size))
-        labels = self.inferencer.predict(scores)
         if self.inferencer.augmented:  # already averaged probabilities
             probs = scores
         else:
             probs = scores.sigmoid() if scores.shape[1] == 1 else scores.softmax(1)
-        return labels, probs
+        if probs.shape[1] == 1:
+            return self.inferencer.predict(scores), probs
+        # the argmax of the probabilities themselves: where two logits differ by less than float32
+        # resolves after the softmax, the saved maps still give the label map back (ties: the lower id)
+        return probs.argmax(1), probs
 
     def __call__(self, image: Any) -> Prediction:
         if isinstance(image, (str, os.PathLike)):

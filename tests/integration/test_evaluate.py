@@ -69,7 +69,10 @@ def test_evaluating_the_demo_export(tmp_path):
     overlays = sorted((tmp_path / "show").glob("*.png"))
     assert len(overlays) == 12
     panel = np.asarray(Image.open(overlays[0]))
-    assert panel.shape == (64, 128, 3)  # prediction | ground truth, side by side
+    # prediction | ground truth side by side (4 px apart) under a 16 px header, a legend below
+    assert panel.shape[1] == 64 + 4 + 64 and panel.shape[0] > 16 + 64 and panel.shape[2] == 3
+    names = sorted(p.stem for p in overlays)
+    assert names == [f"{i:06d}" for i in range(12)]  # SyntheticShapes has no file names: the index
 
 
 def test_aug_test_and_training_checkpoint(tmp_path):
