@@ -87,6 +87,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--num-processes``, ``--config-file``, ``--main-process-port`` (evaluate, predict)."""
+    launch = parser.add_argument_group("several processes (started through `accelerate launch`)")
+    launch.add_argument("--num-processes", type=int, help="processes on this machine")
+    launch.add_argument("--config-file", help="an Accelerate launch config")
+    launch.add_argument("--main-process-port", type=int, help="port of the main process (default: a free one)")
+
+
 def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cfg-options",

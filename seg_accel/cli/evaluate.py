@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from seg_accel.cli.common import add_option_arguments, resolve_config, run_cli
+from seg_accel.cli.common import add_launch_arguments, add_option_arguments, resolve_config, run_cli
 from seg_accel.engine.checkpoint import pick_weights
 from seg_accel.errors import ConfigError
 
@@ -42,10 +42,7 @@ def evaluate_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                       "scored); the confusion-matrix and IoU charts go beside it")
     parser.add_argument("--show-dir", help="write an overlay (prediction | ground truth) per image here")
     parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity in [0, 1]")
-    launch = parser.add_argument_group("several processes (started through `accelerate launch`)")
-    launch.add_argument("--num-processes", type=int, help="processes on this machine")
-    launch.add_argument("--config-file", help="an Accelerate launch config")
-    launch.add_argument("--main-process-port", type=int, help="port of the main process (default: a free one)")
+    add_launch_arguments(parser)
     return parser
 
 
@@ -115,7 +112,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace, config: str, weights: str) -> int:
-    from seg_accel.cli.launch import launch, launch_arguments
+    from seg_accel.cli.launch import relaunch
 
     argv = [config, weights, "--metrics", *args.metrics, "--opacity", str(args.opacity)]
     for flag, value in (("--out", args.out), ("--show-dir", args.show_dir)):
@@ -127,9 +124,7 @@ def _launch(args: argparse.Namespace, config: str, weights: str) -> int:
             argv.append(flag)
     if args.cfg_options:
         argv += ["--cfg-options", *args.cfg_options]
-    return launch("seg_accel.evaluate", argv,
-                  launch_arguments(args.num_processes, args.config_file, args.main_process_port),
-                  lambda: "interrupted: every process stopped", args.num_processes)
+    return relaunch("seg_accel.evaluate", argv, args)
 
 
 def evaluate_cli(argv: Sequence[str] | None = None, prog: str | None = None) -> int:

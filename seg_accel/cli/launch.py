@@ -114,3 +114,12 @@ def launch(module: str, argv: list[str], launch_args: list[str], on_interrupt: C
     for pump in pumps:
         pump.join()
     return code
+
+
+def relaunch(module: str, argv: list[str], args: object) -> int:
+    """Run ``module`` with ``argv`` on the processes the command's launch options ask for
+    (``--num-processes``, ``--config-file``, ``--main-process-port``)."""
+    num_processes = getattr(args, "num_processes", None)
+    return launch(module, argv, launch_arguments(num_processes, getattr(args, "config_file", None),
+                                                 getattr(args, "main_process_port", None)),
+                  lambda: "interrupted: every process stopped", num_processes)

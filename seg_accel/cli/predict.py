@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from seg_accel.cli.common import add_option_arguments, resolve_config, run_cli
+from seg_accel.cli.common import add_launch_arguments, add_option_arguments, resolve_config, run_cli
 from seg_accel.errors import ConfigError
 
 
@@ -37,10 +37,7 @@ def predict_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", default="auto",
                         help="images per batch and process (default auto: same-size images within a pixel budget)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
-    launch = parser.add_argument_group("several processes (started through `accelerate launch`)")
-    launch.add_argument("--num-processes", type=int, help="processes on this machine")
-    launch.add_argument("--config-file", help="an Accelerate launch config")
-    launch.add_argument("--main-process-port", type=int, help="port of the main process (default: a free one)")
+    add_launch_arguments(parser)
     return parser
 
 
@@ -109,7 +106,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from seg_accel.cli.launch import launch, launch_arguments
+    from seg_accel.cli.launch import relaunch
 
     argv = [*args.sources, "--out", args.out, "--probs-dtype", args.probs_dtype, "--opacity", str(args.opacity),
             "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
@@ -120,9 +117,7 @@ def _launch(args: argparse.Namespace) -> int:
             argv.append(flag)
     if args.cfg_options:
         argv += ["--cfg-options", *args.cfg_options]
-    return launch("seg_accel.predict", argv,
-                  launch_arguments(args.num_processes, args.config_file, args.main_process_port),
-                  lambda: "interrupted: every process stopped", args.num_processes)
+    return relaunch("seg_accel.predict", argv, args)
 
 
 def predict_cli(argv: Sequence[str] | None = None, prog: str | None = None) -> int:

@@ -116,34 +116,9 @@ def save_plots(out: Path, classes: list[str], cm: torch.Tensor, results: dict[st
     fig.savefig(confusion_png, dpi=100)
     plt.close(fig)
 
-    iou = np.nan_to_num(np.asarray(results["per_class"]["IoU"], dtype=float), nan=0.0)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(classes) + 2), 4))
-    ax.bar(range(len(classes)), iou, color="tab:blue")
-    ax.axhline(results["mIoU"], color="tab:red", linestyle="--", label=f"mIoU {results['mIoU']:.2f}")
-    ax.set_xticks(range(len(classes)), classes, rotation=90)
-    ax.set_ylabel("IoU (%)")
-    ax.set_ylim(0, 100)
-    ax.legend()
-    ax.set_title("per-class IoU")
-    fig.tight_layout()
-    iou_png = out.with_name(out.stem + "_iou.png")
-    fig.savefig(iou_png, dpi=100)
-    plt.close(fig)
-    written = [confusion_png, iou_png]
+    written = [confusion_png, _bar_chart(plt, out, classes, results, "IoU", "tab:blue")]
     if "Dice" in results["per_class"]:
-        dice = np.nan_to_num(np.asarray(results["per_class"]["Dice"], dtype=float), nan=0.0)
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(classes) + 2), 4))
-        ax.bar(range(len(classes)), dice, color="tab:green")
-        ax.axhline(results["mDice"], color="tab:red", linestyle="--", label=f"mDice {results['mDice']:.2f}")
-        ax.set_xticks(range(len(classes)), classes, rotation=90)
-        ax.set_ylabel("Dice (%)")
-        ax.set_ylim(0, 100)
-        ax.legend()
-        ax.set_title("per-class Dice")
-        fig.tight_layout()
-        written.append(out.with_name(out.stem + "_dice.png"))
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        written.append(_bar_chart(plt, out, classes, results, "Dice", "tab:green"))
     if "curves" in results:
         curves = results["curves"]
         fig, (roc, pr) = plt.subplots(1, 2, figsize=(9, 4.2))
@@ -162,6 +137,25 @@ def save_plots(out: Path, classes: list[str], cm: torch.Tensor, results: dict[st
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     return written
+
+
+def _bar_chart(plt: Any, out: Path, classes: list[str], results: dict[str, Any], column: str, colour: str) -> Path:
+    """Per-class bars of ``column`` (IoU, Dice) with its mean as a line: ``<out stem>_<column>.png``."""
+    values = np.nan_to_num(np.asarray(results["per_class"][column], dtype=float), nan=0.0)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(classes) + 2), 4))
+    ax.bar(range(len(classes)), values, color=colour)
+    mean = results[f"m{column}"]
+    ax.axhline(mean, color="tab:red", linestyle="--", label=f"m{column} {mean:.2f}")
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_ylabel(f"{column} (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.set_title(f"per-class {column}")
+    fig.tight_layout()
+    path = out.with_name(f"{out.stem}_{column.lower()}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def save_per_image_csv(path: Path, rows: list[dict[str, Any]], dataset: Any) -> Path:
