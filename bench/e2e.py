@@ -15,6 +15,7 @@ start-up (process launch to the first iteration), the evaluation's time, the mai
 peak memory, and the val mIoU at the end.
 
     python bench/e2e.py [--processes 1 2] [--iters 100] [--pairs 2] [--data ../shared/data/camvid]
+                        [--seeds 0 1 2] [--loops seg-accel bf16]
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs/camvid/segformer_tiny_camvid_2k.yaml"
 
 
-def run_example(data: Path, iters: int, processes: int, out: Path) -> dict:
-    script = [str(REPO / "bench/example_loop.py"), "--data", str(data), "--iters", str(iters), "--out", str(out)]
+def run_example(data: Path, iters: int, processes: int, out: Path, seed: int = 0) -> dict:
+    script = [str(REPO / "bench/example_loop.py"), "--data", str(data), "--iters", str(iters), "--out", str(out),
+              "--seed", str(seed)]
     if processes > 1:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
@@ -44,8 +46,8 @@ def run_example(data: Path, iters: int, processes: int, out: Path) -> dict:
 
 
 def run_seg_accel(data: Path, iters: int, processes: int, out: Path, work: Path, fast: bool,
-                  extra: tuple[str, ...] = ()) -> dict:
-    options = [f"runner.max_iters={iters}", "checkpoint_config=null", "evaluation.interval=1000000",
+                  extra: tuple[str, ...] = (), seed: int = 0) -> dict:
+    options = [f"seed={seed}", f"runner.max_iters={iters}", "checkpoint_config=null", "evaluation.interval=1000000",
                "evaluation.save_best=null", "log_config.interval=50", f"data.train.data_root={data}",
                f"data.val.data_root={data}", "custom_imports.imports=[e2e_probe]",
                f"custom_hooks=[{{type: E2EProbe, out: {out}}}, {{type: E2EProbeWriter}}]"]
@@ -92,17 +94,26 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/camvid"))
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="one seed per pair (default: seed 0 for every pair); the mIoU spread is then the seeds'")
+    parser.add_argument("--loops", nargs="+", choices=["example", "seg-accel", "seg-accel bf16"],
+                        help="run only these loops (the example always runs: it is the baseline)")
     args = parser.parse_args()
     data = Path(args.data).resolve()
     if not (data / "train.txt").is_file():
         sys.exit(f"CamVid not found at {data} (--data)")
     fast = bf16_supported()
     loops = ["example", "seg-accel"] + (["seg-accel bf16"] if fast else [])
+    if args.loops:
+        loops = [loop for loop in loops if loop == "example" or loop in args.loops]
+    if args.seeds:
+        args.pairs = len(args.seeds)
+    seeds = args.seeds or [0] * args.pairs
     import torch
 
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU core(s)"
     print(f"CamVid, tiny SegFormer, crop 256, batch 4 per process, {args.iters} iterations, {args.pairs} alternating "
-          f"pair(s); {where}; bf16 fast path: {'yes' if fast else 'no (no bf16 here)'}")
+          f"pair(s); {where}; bf16 fast path: {'yes' if fast else 'no (no bf16 here)'}; seeds {seeds}")
     for processes in args.processes:
         results: dict[str, list[dict]] = {loop: [] for loop in loops}
         with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
@@ -110,12 +121,13 @@ def main() -> int:
                 for i, loop in enumerate(loops if pair % 2 == 0 else loops[::-1]):
                     out = Path(tmp) / f"{loop.replace(' ', '_')}_{pair}.json"
                     if loop == "example":
-                        result = run_example(data, args.iters, processes, out)
+                        result = run_example(data, args.iters, processes, out, seeds[pair])
                     else:
                         result = run_seg_accel(data, args.iters, processes, out, Path(tmp) / f"w{pair}{i}",
-                                               fast=loop.endswith("bf16"))
+                                               fast=loop.endswith("bf16"), seed=seeds[pair])
                     results[loop].append(result)
-                    print(f"  {processes} process(es), pair {pair + 1}: {loop}: {result['images_per_second']:.2f} "
+                    print(f"  {processes} process(es), pair {pair + 1} (seed {seeds[pair]}): {loop}: "
+                          f"{result['images_per_second']:.2f} "
                           f"images/s, mIoU {result['miou']:.2f}", flush=True)
         base = statistics.median(r["images_per_second"] for r in results["example"])
         print(f"\n{processes} process(es)")

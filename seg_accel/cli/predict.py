@@ -3,7 +3,8 @@
 ``seg-accel predict CONFIG CHECKPOINT INPUTS... --out DIR`` (a config with a checkpoint or
 export), ``seg-accel predict WORK_DIR INPUTS... --out DIR`` or ``seg-accel predict EXPORT
 INPUTS... --out DIR`` (an export folder or Hub id alone). INPUTS are image files, folders
-(searched recursively) or globs.
+(searched recursively) or globs; ``--hub-dataset PATH --split S`` takes the images of a
+dataset split instead.
 """
 from __future__ import annotations
 
@@ -37,23 +38,35 @@ def predict_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", default="auto",
                         help="images per batch and process (default auto: same-size images within a pixel budget)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
+    hub = parser.add_argument_group("images of a Hugging Face dataset split instead of INPUTS")
+    hub.add_argument("--hub-dataset", metavar="PATH", help="a Hub dataset id or a local folder in Hub layout")
+    hub.add_argument("--split", default="test", help="its split (default test)")
+    hub.add_argument("--hub-config", help="its config name, if it has several")
+    hub.add_argument("--image-column", default="image", help="the column holding the images (default image)")
     add_launch_arguments(parser)
     return parser
 
 
-def split_sources(sources: list[str]) -> tuple[str, str | None, list[str]]:
-    """``(source, weights, inputs)``: a config takes the next argument as its weights."""
+def split_sources(sources: list[str], hub: bool = False) -> tuple[str, str | None, list[str]]:
+    """``(source, weights, inputs)``: a config takes the next argument as its weights; inputs
+    are needed unless the images come from a dataset (``hub``)."""
     from seg_accel.engine.predict import is_config_source
 
     source = resolve_config(sources[0])
+    least = 0 if hub else 1
     if is_config_source(source):
-        if len(sources) < 3:
+        if len(sources) < 2 + least:
             raise ConfigError("a config needs a checkpoint (or export) and at least one input: "
                               "seg-accel predict CONFIG CHECKPOINT INPUTS... --out DIR", key="INPUTS")
-        return source, sources[1], sources[2:]
-    if len(sources) < 2:
-        raise ConfigError("no inputs: seg-accel predict SOURCE INPUTS... --out DIR", key="INPUTS")
-    return source, None, sources[1:]
+        source, weights, inputs = source, sources[1], sources[2:]
+    else:
+        if len(sources) < 1 + least:
+            raise ConfigError("no inputs: seg-accel predict SOURCE INPUTS... --out DIR (or --hub-dataset)",
+                              key="INPUTS")
+        source, weights, inputs = source, None, sources[1:]
+    if hub and inputs:
+        raise ConfigError("give INPUTS or --hub-dataset, not both", key="INPUTS")
+    return source, weights, inputs
 
 
 def _batch_size(text: str) -> int | str:
@@ -74,10 +87,12 @@ def _predict(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise ConfigError(f"must be >= 0, got {args.workers}", key="--workers")
     batch = _batch_size(args.batch_size)
-    source, weights, inputs = split_sources(args.sources)
-    from seg_accel.engine.predict import collect_inputs
+    hub = args.hub_dataset is not None
+    source, weights, inputs = split_sources(args.sources, hub)
+    if not hub:
+        from seg_accel.engine.predict import collect_inputs
 
-    collect_inputs(inputs)  # a missing input is an error before anything starts
+        collect_inputs(inputs)  # a missing input is an error before anything starts
     if args.num_processes is not None and args.num_processes > 1 or args.config_file is not None:
         return _launch(args)
     import logging
@@ -96,7 +111,9 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = Predictor.load(source, weights, args.cfg_options or (), args.aug_test, accelerator.device)
     written = predictor.run(inputs, args.out, probs=args.probs, probs_dtype=args.probs_dtype,
                             overlays=not args.no_overlays, opacity=args.opacity, accelerator=accelerator,
-                            samples_per_gpu=batch, workers=args.workers)
+                            samples_per_gpu=batch, workers=args.workers,
+                            hub_dataset={"path": args.hub_dataset, "split": args.split, "name": args.hub_config,
+                                         "image_column": args.image_column} if hub else None)
     total = accelerator.reduce(torch.tensor([len(written)], device=accelerator.device), "sum")
     if accelerator.is_main_process:
         logging.getLogger("seg_accel").info("wrote %d prediction(s) into %s", int(total.item()), Path(args.out))
@@ -112,6 +129,10 @@ def _launch(args: argparse.Namespace) -> int:
             "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
     if args.probs:
         argv += ["--probs", args.probs]
+    if args.hub_dataset is not None:
+        argv += ["--hub-dataset", args.hub_dataset, "--split", args.split, "--image-column", args.image_column]
+        if args.hub_config:
+            argv += ["--hub-config", args.hub_config]
     for flag, on in (("--no-overlays", args.no_overlays), ("--aug-test", args.aug_test)):
         if on:
             argv.append(flag)

@@ -87,3 +87,55 @@ class ImageFiles(SegDataset):
         with Image.open(self.paths[index]) as img:
             rgb = self.rgb8(img)
         return rgb, np.zeros(rgb.shape[:2], dtype=np.uint8)
+
+
+class HubImages(SegDataset):
+    """The images of a Hugging Face dataset split (a Hub id, or a local folder in Hub layout),
+    for prediction; other columns (labels) are not read. Named ``<split>/<row, 6 digits>``."""
+
+    def __init__(self, path: str, split: str, classes: list[str], pipeline: list[dict] | None = None,
+                 name: str | None = None, image_column: str = "image"):
+        super().__init__(pipeline=pipeline, classes=classes)
+        import datasets
+
+        try:
+            table = datasets.load_dataset(path, name, split=split)
+        except Exception as exc:  # datasets raises many types for missing/unreachable data and splits
+            raise ConfigError(f"cannot load split '{split}' of dataset '{path}': {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                              key="--hub-dataset") from exc
+        if image_column not in table.column_names:
+            raise ConfigError(f"dataset '{path}' has no column '{image_column}'; its columns: {table.column_names}",
+                              key="--image-column")
+        if isinstance(table.features[image_column], datasets.Image):  # decoded (and checked) here
+            table = table.cast_column(image_column, datasets.Image(decode=False))
+        self.table, self.path, self.split, self.image_column = table, path, split, image_column
+        self.test_mode = True
+        self.key = "--hub-dataset"
+
+    @classmethod
+    def resolve_classes(cls, **kwargs: Any) -> list[str]:
+        raise ConfigError("HubImages needs its classes", key="classes")
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def describe(self, index: int) -> str:
+        return f"dataset {self.path}, split {self.split}, row {index}"
+
+    def sample_name(self, index: int) -> str:
+        return f"{self.split}/{index:06d}"
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        import io
+
+        from PIL import Image
+
+        value = self.table[index][self.image_column]
+        if isinstance(value, dict):  # an Image feature, not decoded: bytes or a file path
+            data = value.get("bytes") or Path(value["path"]).read_bytes()
+            with Image.open(io.BytesIO(data)) as img:
+                rgb = self.rgb8(img)
+        else:
+            rgb = self.rgb8(value)
+        return rgb, np.zeros(rgb.shape[:2], dtype=np.uint8)

@@ -228,10 +228,12 @@ class Predictor:
 
     def run(self, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, probs: str | None = None,
             probs_dtype: str = "float16", overlays: bool = True, opacity: float = 0.5, accelerator: Any = None,
-            samples_per_gpu: int | str = "auto", workers: int = 0, progress: bool = True) -> list[Path]:
-        """Predict every input image; write ``labels/<name>.png``, ``overlays/<name>.png`` and with
-        ``probs`` (png, npy or safetensors) ``probs/<name>...`` under ``out_dir``. Returns the label
-        PNGs this process wrote (under several processes: its share)."""
+            samples_per_gpu: int | str = "auto", workers: int = 0, progress: bool = True,
+            hub_dataset: dict[str, Any] | None = None) -> list[Path]:
+        """Predict every input image (files, folders, globs; or with ``hub_dataset``, ``{"path", "split",
+        "name", "image_column"}``, the images of a dataset split); write ``labels/<name>.png``,
+        ``overlays/<name>.png`` and with ``probs`` (png, npy or safetensors) ``probs/<name>...`` under
+        ``out_dir``. Returns the label PNGs this process wrote (under several processes: its share)."""
         from tqdm.auto import tqdm
 
         from seg_accel.data import build_val_loader
@@ -240,18 +242,25 @@ class Predictor:
             raise ConfigError(f"must be one of {', '.join(PROB_FORMATS)}, got {probs!r}", key="--probs")
         if probs_dtype not in ("float16", "float32"):
             raise ConfigError(f"must be float16 or float32, got {probs_dtype!r}", key="--probs-dtype")
-        paths = collect_inputs([str(p) for p in inputs])
-        names = output_names(paths)
+        if hub_dataset is not None:
+            from seg_accel.data.images import HubImages
+
+            dataset = HubImages(hub_dataset["path"], hub_dataset.get("split", "test"), self.classes, self.pipeline,
+                                hub_dataset.get("name"), hub_dataset.get("image_column", "image"))
+            names = [dataset.sample_name(i) for i in range(len(dataset))]
+        else:
+            paths = collect_inputs([str(p) for p in inputs])
+            names = output_names(paths)
+            dataset = ImageFiles(paths, self.classes, self.pipeline)
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-        dataset = ImageFiles(paths, self.classes, self.pipeline)
         loader = build_val_loader(dataset, samples_per_gpu, workers, rank, world, device_type=self.device.type)
         writer = PredictionWriter(Path(out_dir), self.classes, self.palette, probs, probs_dtype, overlays, opacity)
         main = rank == 0
         if main:
-            logger.info("predicting %d image(s) on %d process(es) into %s (labels%s%s)", len(paths), world, out_dir,
+            logger.info("predicting %d image(s) on %d process(es) into %s (labels%s%s)", len(dataset), world, out_dir,
                         ", overlays" if overlays else "", f", probabilities as {probs}" if probs else "")
         written: list[Path] = []
-        bar = tqdm(total=len(paths), desc="predict", disable=not (progress and main), dynamic_ncols=True)
+        bar = tqdm(total=len(dataset), desc="predict", disable=not (progress and main), dynamic_ncols=True)
         for batch in loader:
             labels, prob_maps = self.predict_batch(batch["pixel_values"], batch["labels"].shape[-2:])
             for index, label, prob in zip(batch["indices"].tolist(), labels.cpu().numpy(), prob_maps.float().cpu()):

@@ -58,6 +58,7 @@ def export_folder(tmp_path, model_section, size=None):
     return tmp_path / "export"
 
 
+@pytest.mark.slow  # five exports (~40 s): CI runs it in its slow step
 @pytest.mark.parametrize("family", ["segformer", "upernet_convnext", "dpt", "beit", "module"])
 def test_each_family_exports_with_parity(tmp_path, family, monkeypatch):
     from seg_accel.engine.onnx_export import export_with_parity

@@ -190,3 +190,26 @@ def test_overlay_panel_has_a_header_and_a_legend_of_the_present_classes():
     colours = {tuple(c) for c in legend.reshape(-1, 3)}
     assert tuple(palette[2]) in colours and tuple(palette[0]) in colours
     assert tuple(palette[1]) not in colours  # circle is not present: not in the legend
+
+
+def test_run_on_a_dataset_split_in_hub_layout(export, tmp_path):
+    """``hub_dataset``: the images of a split (a local folder in Hub layout), named <split>/<row>."""
+    from tests.parquet_data import write_parquet_dataset
+
+    folder, _, _ = export
+    root = tmp_path / "hub"
+    ids = write_parquet_dataset(root, [3, 2], split="test", size=24)
+    out = tmp_path / "out"
+    written = Predictor.from_export(folder).run([], out, probs="npy", probs_dtype="float32", progress=False,
+                                                hub_dataset={"path": str(root), "split": "test"})
+    assert sorted(p.relative_to(out / "labels").as_posix() for p in written) == \
+        [f"test/{i:06d}.png" for i in range(len(ids))]
+    for i in range(len(ids)):
+        labels = np.asarray(Image.open(out / "labels" / "test" / f"{i:06d}.png"))
+        probs = np.load(out / "probs" / "test" / f"{i:06d}.npy")
+        assert labels.shape == (24, 24) and (probs.argmax(0) == labels).all()
+    with pytest.raises(ConfigError, match="--hub-dataset.*split 'nope'"):
+        Predictor.from_export(folder).run([], out, progress=False, hub_dataset={"path": str(root), "split": "nope"})
+    with pytest.raises(ConfigError, match="--image-column.*no column 'pixels'"):
+        Predictor.from_export(folder).run([], out, progress=False,
+                                          hub_dataset={"path": str(root), "split": "test", "image_column": "pixels"})
