@@ -69,6 +69,7 @@ def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)
 
 
+@pytest.mark.slow  # CI runs it in its slow step (keeps the README test command under 10 min)
 @pytest.mark.multiprocess
 def test_a_registered_plain_module_trains_resumes_evaluates_exports_and_publishes(tmp_path, hub_server, monkeypatch):
     from huggingface_hub import ModelCard

@@ -183,6 +183,7 @@ def plant(path: Path, marker: Path, tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(tmp_path / "payload.py"), str(path), str(marker)], check=True)
 
 
+@pytest.mark.slow  # CI runs it in its slow step (keeps the README test command under 10 min)
 def test_crafted_pickles_never_run(tmp_path):
     """The payload of the report (``custom_checkpoint_0.pkl``, run by the old auto_resume) and the
     same in the RNG and optimizer files: with the manifest as written the checkpoint is refused as
@@ -222,6 +223,7 @@ def damage(path: Path) -> None:
         path.write_bytes(data[: len(data) // 2])  # truncated
 
 
+@pytest.mark.slow  # CI runs it in its slow step (keeps the README test command under 10 min)
 @pytest.mark.multiprocess
 def test_each_damaged_file_of_the_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     (tmp_path / "killers.py").write_text(KILLER)

@@ -82,6 +82,7 @@ def test_each_family_exports_with_parity(tmp_path, family, monkeypatch):
     assert json.loads(meta["classes"]) == CLASSES
 
 
+@pytest.mark.slow  # CI runs it in its slow step (keeps the README test command under 10 min)
 def test_export_onnx_command_dynamic_shapes(tmp_path):
     folder = export_folder(tmp_path, ARCHITECTURES["segformer"])
     out = tmp_path / "demo.onnx"

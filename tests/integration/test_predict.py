@@ -63,6 +63,7 @@ def test_predict_on_2_processes_writes_every_image_once_named_after_it(tmp_path)
         assert (probs.argmax(0) == labels).all()
 
 
+@pytest.mark.slow  # CI runs it in its slow step (keeps the README test command under 10 min)
 def test_predict_with_a_config_and_a_training_checkpoint(tmp_path):
     """Train 4 iterations, then predict with the config and the checkpoint folder: the same
     labels as the run's own export."""
