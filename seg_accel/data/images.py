@@ -53,18 +53,30 @@ def output_names(paths: Sequence[Path]) -> list[str]:
     return [f"{name}_{p.suffix.lstrip('.').lower()}" if counts[name] > 1 else name for name, p in zip(names, resolved)]
 
 
-class ImageFiles(SegDataset):
-    """Unlabeled images for prediction (the pipeline sees an all-zero label map)."""
+class UnlabeledImages(SegDataset):
+    """Images without labels, for prediction: the classes are given, samples come in test mode
+    and the pipeline sees an all-zero label map."""
 
-    def __init__(self, paths: Sequence[Path], classes: list[str], pipeline: list[dict] | None = None):
+    def __init__(self, classes: list[str], pipeline: list[dict] | None, key: str):
         super().__init__(pipeline=pipeline, classes=classes)
-        self.paths = list(paths)
         self.test_mode = True
-        self.key = "INPUTS"
+        self.key = key
 
     @classmethod
     def resolve_classes(cls, **kwargs: Any) -> list[str]:
-        raise ConfigError("ImageFiles needs its classes", key="classes")
+        raise ConfigError(f"{cls.__name__} needs its classes", key="classes")
+
+    @staticmethod
+    def unlabeled(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return rgb, np.zeros(rgb.shape[:2], dtype=np.uint8)
+
+
+class ImageFiles(UnlabeledImages):
+    """Image files for prediction."""
+
+    def __init__(self, paths: Sequence[Path], classes: list[str], pipeline: list[dict] | None = None):
+        super().__init__(classes, pipeline, "INPUTS")
+        self.paths = list(paths)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -85,17 +97,16 @@ class ImageFiles(SegDataset):
         from PIL import Image
 
         with Image.open(self.paths[index]) as img:
-            rgb = self.rgb8(img)
-        return rgb, np.zeros(rgb.shape[:2], dtype=np.uint8)
+            return self.unlabeled(self.rgb8(img))
 
 
-class HubImages(SegDataset):
+class HubImages(UnlabeledImages):
     """The images of a Hugging Face dataset split (a Hub id, or a local folder in Hub layout),
     for prediction; other columns (labels) are not read. Named ``<split>/<row, 6 digits>``."""
 
     def __init__(self, path: str, split: str, classes: list[str], pipeline: list[dict] | None = None,
                  name: str | None = None, image_column: str = "image"):
-        super().__init__(pipeline=pipeline, classes=classes)
+        super().__init__(classes, pipeline, "--hub-dataset")
         import datasets
 
         try:
@@ -110,12 +121,6 @@ class HubImages(SegDataset):
         if isinstance(table.features[image_column], datasets.Image):  # decoded (and checked) here
             table = table.cast_column(image_column, datasets.Image(decode=False))
         self.table, self.path, self.split, self.image_column = table, path, split, image_column
-        self.test_mode = True
-        self.key = "--hub-dataset"
-
-    @classmethod
-    def resolve_classes(cls, **kwargs: Any) -> list[str]:
-        raise ConfigError("HubImages needs its classes", key="classes")
 
     def __len__(self) -> int:
         return len(self.table)
@@ -135,7 +140,5 @@ class HubImages(SegDataset):
         if isinstance(value, dict):  # an Image feature, not decoded: bytes or a file path
             data = value.get("bytes") or Path(value["path"]).read_bytes()
             with Image.open(io.BytesIO(data)) as img:
-                rgb = self.rgb8(img)
-        else:
-            rgb = self.rgb8(value)
-        return rgb, np.zeros(rgb.shape[:2], dtype=np.uint8)
+                return self.unlabeled(self.rgb8(img))
+        return self.unlabeled(self.rgb8(value))
