@@ -3,7 +3,10 @@
 
 Same SegFormer (the tiny CamVid one, random init, seed 0), crop 256, batch 4 per process,
 AdamW 1e-3 (the config's) with a polynomial decay, the same iterations; then each evaluates the 101 val
-images. Run as a user runs them: the example under `accelerate launch` (torchrun's default of
+images. Both train the same recipe: the example's augmentation (random scale 0.5-2, random 256 crop,
+flip) and no gradient clipping. The CamVid config as shipped adds PhotoMetricDistortion, crops
+with cat_max_ratio 0.75 and clips gradients (max_norm 1); `--recipe config` trains seg-accel that
+way instead (more work per image, a different training: not the same comparison). Run as a user runs them: the example under `accelerate launch` (torchrun's default of
 one thread per process when several), seg-accel with `seg-accel train [--num-processes N]`
 (its thread budget). seg-accel runs twice per pair: with its defaults (fp32) and with its
 documented fast path on CPUs with bfloat16 support (`mixed_precision: bf16`). Runs alternate
@@ -15,7 +18,7 @@ start-up (process launch to the first iteration), the evaluation's time, the mai
 peak memory, and the val mIoU at the end.
 
     python bench/e2e.py [--processes 1 2] [--iters 100] [--pairs 2] [--data ../shared/data/camvid]
-                        [--seeds 0 1 2] [--loops seg-accel bf16]
+                        [--seeds 0 1 2] [--loops seg-accel bf16] [--recipe example|config]
 """
 from __future__ import annotations
 
@@ -31,6 +34,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs/camvid/segformer_tiny_camvid_2k.yaml"
+# the example's recipe in the config's words (--recipe example): its augmentation, no clipping
+EXAMPLE_RECIPE = (
+    "data.train.pipeline=["
+    "{type: RandomResize, scale: [480, 360], ratio_range: [0.5, 2.0], keep_ratio: true}, "
+    "{type: RandomCrop, crop_size: [256, 256]}, {type: RandomFlip, prob: 0.5}, "
+    "{type: Normalize, mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375], to_rgb: true}, "
+    "{type: Pad, size: [256, 256], pad_val: 0, seg_pad_val: 255}]",
+    "optimizer_config.grad_clip=null",
+)
 
 
 def run_example(data: Path, iters: int, processes: int, out: Path, seed: int = 0) -> dict:
@@ -96,6 +108,9 @@ def main() -> int:
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/camvid"))
     parser.add_argument("--seeds", type=int, nargs="+",
                         help="one seed per pair (default: seed 0 for every pair); the mIoU spread is then the seeds'")
+    parser.add_argument("--recipe", choices=["example", "config"], default="example",
+                        help="seg-accel's training recipe: the example's augmentation without clipping (the same "
+                             "training), or the CamVid config as shipped")
     parser.add_argument("--loops", nargs="+", choices=["example", "seg-accel", "seg-accel bf16"],
                         help="run only these loops (the example always runs: it is the baseline)")
     args = parser.parse_args()
@@ -113,7 +128,8 @@ def main() -> int:
 
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU core(s)"
     print(f"CamVid, tiny SegFormer, crop 256, batch 4 per process, {args.iters} iterations, {args.pairs} alternating "
-          f"pair(s); {where}; bf16 fast path: {'yes' if fast else 'no (no bf16 here)'}; seeds {seeds}")
+          f"pair(s); {where}; bf16 fast path: {'yes' if fast else 'no (no bf16 here)'}; seeds {seeds}; "
+          f"seg-accel's recipe: {args.recipe}")
     for processes in args.processes:
         results: dict[str, list[dict]] = {loop: [] for loop in loops}
         with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
@@ -124,7 +140,8 @@ def main() -> int:
                         result = run_example(data, args.iters, processes, out, seeds[pair])
                     else:
                         result = run_seg_accel(data, args.iters, processes, out, Path(tmp) / f"w{pair}{i}",
-                                               fast=loop.endswith("bf16"), seed=seeds[pair])
+                                               fast=loop.endswith("bf16"), seed=seeds[pair],
+                                               extra=EXAMPLE_RECIPE if args.recipe == "example" else ())
                     results[loop].append(result)
                     print(f"  {processes} process(es), pair {pair + 1} (seed {seeds[pair]}): {loop}: "
                           f"{result['images_per_second']:.2f} "

@@ -40,8 +40,8 @@ def camvid_split(root: Path, split: str) -> dict[str, list[str]]:
 
 
 def train_transform(batch: dict) -> dict:
-    """Per sample, on PIL images: random scale 0.5-2 of 480x360, random 256 crop (padded), flip,
-    normalise; label 11 (void) -> 255."""
+    """Per sample, on PIL images: random scale 0.5-2 of 480x360, random 256 crop (padded: 0 once
+    normalised, label 255), flip, normalise; label 11 (void) -> 255."""
     from PIL import Image
 
     pixel_values, labels = [], []
@@ -54,8 +54,11 @@ def train_transform(batch: dict) -> dict:
         lab[lab == 11] = 255
         h, w = lab.shape
         pad_h, pad_w = max(256 - h, 0), max(256 - w, 0)
-        if pad_h or pad_w:
-            img = np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)))
+        if pad_h or pad_w:  # with the mean colour: 0 once normalised (as the config's Pad after Normalize)
+            canvas = np.empty((h + pad_h, w + pad_w, 3), np.float32)
+            canvas[:] = MEAN
+            canvas[:h, :w] = img
+            img = canvas
             lab = np.pad(lab, ((0, pad_h), (0, pad_w)), constant_values=255)
         top, left = random.randint(0, lab.shape[0] - 256), random.randint(0, lab.shape[1] - 256)
         img, lab = img[top:top + 256, left:left + 256], lab[top:top + 256, left:left + 256]
