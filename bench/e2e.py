@@ -4,7 +4,9 @@
 Same SegFormer (the tiny CamVid one, random init, seed 0), crop 256, batch 4 per process,
 AdamW 1e-3 (the config's) with a polynomial decay, the same iterations; then each evaluates the 101 val
 images. Both train the same recipe: the example's augmentation (random scale 0.5-2, random 256 crop,
-flip) and no gradient clipping. The CamVid config as shipped adds PhotoMetricDistortion, crops
+flip), no gradient clipping, and the cross-entropy averaged over the labelled pixels (the
+transformers model's own loss; seg-accel's `avg_non_ignore: true`, where MMSegmentation's default
+divides by every pixel). The CamVid config as shipped adds PhotoMetricDistortion, crops
 with cat_max_ratio 0.75 and clips gradients (max_norm 1); `--recipe config` trains seg-accel that
 way instead (more work per image, a different training: not the same comparison). Run as a user runs them: the example under `accelerate launch` (torchrun's default of
 one thread per process when several), seg-accel with `seg-accel train [--num-processes N]`
@@ -34,14 +36,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs/camvid/segformer_tiny_camvid_2k.yaml"
-# the example's recipe in the config's words (--recipe example): its augmentation, no clipping
+# the example's recipe in the config's words (--recipe example): its augmentation, no clipping,
+# cross-entropy averaged over the labelled pixels (transformers' loss) instead of all of them
 EXAMPLE_RECIPE = (
     "data.train.pipeline=["
-    "{type: RandomResize, scale: [480, 360], ratio_range: [0.5, 2.0], keep_ratio: true}, "
+    "{type: RandomResize, scale: [480, 360], ratio_range: [0.5, 2.0], keep_ratio: true, antialias: true}, "
     "{type: RandomCrop, crop_size: [256, 256]}, {type: RandomFlip, prob: 0.5}, "
     "{type: Normalize, mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375], to_rgb: true}, "
     "{type: Pad, size: [256, 256], pad_val: 0, seg_pad_val: 255}]",
     "optimizer_config.grad_clip=null",
+    "model.decode_head.loss_decode.avg_non_ignore=true",  # the model's own loss: the mean over labelled pixels
 )
 
 

@@ -20,14 +20,15 @@ from seg_accel.registry import TRANSFORMS
 Results = dict[str, Any]
 
 
-def resize_image(img_chw: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
-    """Bilinear, as mmcv's cv2 INTER_LINEAR (no antialiasing)."""
+def resize_image(img_chw: torch.Tensor, size_hw: tuple[int, int], antialias: bool = False) -> torch.Tensor:
+    """Bilinear, as mmcv's cv2 INTER_LINEAR (no antialiasing); with ``antialias`` a shrink
+    averages over the pixels it covers, as Pillow's bilinear resize does."""
     if tuple(img_chw.shape[-2:]) == tuple(size_hw):
         return img_chw
     # the channels-last kernel gives the same numbers ~2x faster; the result stays channels-last
     # (later transforms work on any layout; the sample is made contiguous at the end)
     pixels = img_chw[None].contiguous(memory_format=torch.channels_last)
-    return F.interpolate(pixels, size=size_hw, mode="bilinear", align_corners=False)[0]
+    return F.interpolate(pixels, size=size_hw, mode="bilinear", align_corners=False, antialias=antialias)[0]
 
 
 def resize_label(label_hw: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
@@ -55,16 +56,18 @@ def _wh(value: list[int] | tuple[int, int] | int, name: str) -> tuple[int, int]:
 
 @TRANSFORMS.register()
 class Resize:
-    """Resize to ``scale = [w, h]`` (MMSegmentation order); ``keep_ratio`` rescales within it."""
+    """Resize to ``scale = [w, h]`` (MMSegmentation order); ``keep_ratio`` rescales within it;
+    ``antialias`` smooths shrinks as Pillow does (mmcv's ``backend='pillow'``)."""
 
-    def __init__(self, scale: list[int] | int, keep_ratio: bool = True):
+    def __init__(self, scale: list[int] | int, keep_ratio: bool = True, antialias: bool = False):
         self.scale = _wh(scale, "scale")
         self.keep_ratio = keep_ratio
+        self.antialias = antialias
 
     def __call__(self, results: Results, rng: np.random.Generator) -> Results:
         h, w = results["img"].shape[-2:]
         new_w, new_h = rescale_size(w, h, self.scale) if self.keep_ratio else self.scale
-        results["img"] = resize_image(results["img"], (new_h, new_w))
+        results["img"] = resize_image(results["img"], (new_h, new_w), self.antialias)
         if "gt_seg_map" in results:
             results["gt_seg_map"] = resize_label(results["gt_seg_map"], (new_h, new_w))
         return results
@@ -74,13 +77,14 @@ class Resize:
 class RandomResize:
     """Resize by a random scale (MMSegmentation's multi-scale training): with ``ratio_range``,
     ``scale * r`` for ``r ~ U(ratio_range)``; with ``scale`` a list of two ``[w, h]`` scales,
-    a long and a short edge drawn between theirs. Then ``Resize`` (``keep_ratio``)."""
+    a long and a short edge drawn between theirs. Then ``Resize`` (``keep_ratio``, ``antialias``)."""
 
     def __init__(
         self,
         scale: list[int] | list[list[int]],
         ratio_range: list[float] | None = None,
         keep_ratio: bool = True,
+        antialias: bool = False,
     ):
         nested = bool(scale) and isinstance(scale[0], (list, tuple))
         if ratio_range is not None:
@@ -95,6 +99,7 @@ class RandomResize:
             self.scales = [_wh(s, "scale") for s in scale]
         self.ratio_range = ratio_range
         self.keep_ratio = keep_ratio
+        self.antialias = antialias
 
     def target_scale(self, rng: np.random.Generator) -> tuple[int, int]:
         if self.ratio_range is not None:
@@ -105,7 +110,7 @@ class RandomResize:
         return int(rng.integers(min(longs), max(longs) + 1)), int(rng.integers(min(shorts), max(shorts) + 1))
 
     def __call__(self, results: Results, rng: np.random.Generator) -> Results:
-        return Resize(self.target_scale(rng), self.keep_ratio)(results, rng)
+        return Resize(self.target_scale(rng), self.keep_ratio, self.antialias)(results, rng)
 
 
 @TRANSFORMS.register()

@@ -251,3 +251,26 @@ def convert_sync_bn(model: nn.Module, num_processes: int, device_type: str) -> t
                        f"BatchNorm layer(s), each process normalising with the statistics of its own batch")
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model, f"sync_bn: {count} BatchNorm layer(s) converted to SyncBatchNorm across {num_processes} processes"
+
+
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.dtype in (torch.bfloat16, torch.float16) else a for a in args)
+
+
+def keep_norms_fp32(model: nn.Module) -> str:
+    """Normalisation layers compute in fp32 under CPU bf16 autocast.
+
+    CUDA's autocast runs layer/group/batch norm in fp32; the CPU's runs them in the dtype they
+    get, bf16 after any linear or convolution, and the residual stream behind them stays bf16.
+    A forward pre-hook casts their inputs to fp32 (the following linear layers cast back to
+    bf16 as before). Returns what was done (logged once by the caller)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, NORM_LAYERS):
+            module.register_forward_pre_hook(_inputs_to_fp32)
+            count += 1
+    return f"bf16 on the CPU: {count} normalisation layer(s) compute in fp32 (as CUDA's autocast runs them)"
+

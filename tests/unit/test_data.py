@@ -264,6 +264,28 @@ def test_random_resize_ratio_range_and_two_scales():
     assert 20 <= min(h, w) <= 30 and max(h, w) <= 60
 
 
+def test_resize_antialias_shrinks_as_pillow_does():
+    """``antialias: true`` (RandomResize and Resize) averages what a shrink covers, as Pillow's
+    bilinear resize does; the default stays mmcv's cv2 bilinear (no antialiasing)."""
+    from seg_accel.data.transforms import RandomResize
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)  # noise: aliasing shows
+    pil = np.asarray(Image.fromarray(pixels).resize((44, 33), Image.BILINEAR), np.float32)
+    img = torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.float32))
+    sample = {"img": img, "gt_seg_map": torch.zeros(60, 80, dtype=torch.long)}
+    smooth = Resize(scale=[44, 33], antialias=True)(dict(sample), RNG(0))["img"].permute(1, 2, 0).numpy()
+    sharp = Resize(scale=[44, 33])(dict(sample), RNG(0))["img"].permute(1, 2, 0).numpy()
+    assert np.abs(smooth - pil).mean() < 1.0  # Pillow rounds to uint8
+    assert np.abs(sharp - pil).mean() > 10 * np.abs(smooth - pil).mean()
+    assert sharp.std() > 1.3 * smooth.std()  # no averaging: the noise stays
+    # growing is the same with or without it
+    big = Resize(scale=[160, 120], antialias=True)(dict(sample), RNG(0))["img"]
+    assert torch.allclose(big, Resize(scale=[160, 120])(dict(sample), RNG(0))["img"], atol=1e-3)
+    out = RandomResize(scale=[80, 60], ratio_range=[0.5, 0.5], antialias=True)(dict(sample), RNG(0))
+    assert torch.equal(out["img"], Resize(scale=[40, 30], antialias=True)(dict(sample), RNG(0))["img"])
+
+
 def test_photometric_distortion_changes_only_the_image():
     from seg_accel.data.transforms import PhotoMetricDistortion
 

@@ -91,6 +91,41 @@ def test_bf16_mixed_precision_from_the_config(tmp_path, fresh_accelerate):
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())  # fp32 weights
 
 
+def test_bf16_on_the_cpu_keeps_normalisation_in_fp32(tmp_path, fresh_accelerate):
+    """CPU autocast runs layer/batch norm in the dtype it gets (bf16 after a linear layer);
+    CUDA's runs them in fp32. seg-accel makes the CPU do as CUDA does: norms get fp32 inputs
+    and give fp32 outputs, the linear layers after them still compute in bf16."""
+    from seg_accel.models.builder import keep_norms_fp32
+
+    block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+    seen = []
+    for layer in block:
+        layer.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block(torch.randn(2, 8))
+    assert seen == [torch.bfloat16] * 3  # left alone, the norm computes in bf16
+    assert "1 normalisation layer(s)" in keep_norms_fp32(block)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block(torch.randn(2, 8))
+    assert seen == [torch.bfloat16, torch.float32, torch.bfloat16]
+    seen.clear()
+    block(torch.randn(2, 8))  # without autocast nothing changes
+    assert seen == [torch.float32] * 3
+
+    cfg = tiny_config(mixed_precision="bf16")
+    cfg["runner"]["max_iters"] = 1
+    trainer, _ = make_trainer(tmp_path, cfg)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d))]
+    dtypes = []
+    for norm in norms:
+        norm.register_forward_hook(lambda m, i, out: dtypes.append((i[0].dtype, out.dtype)))
+    segmentation_logits(trainer.model, trainer.val_set[0]["pixel_values"][None])
+    assert len(dtypes) == len(norms) > 0 and set(dtypes) == {(torch.float32, torch.float32)}
+    assert f"{len(norms)} normalisation layer(s) compute in fp32" in next((tmp_path / "work").glob("*.log")).read_text()
+
+
 def test_fp16_on_cpu_is_announced(tmp_path, fresh_accelerate):
     cfg = tiny_config(mixed_precision="fp16")
     cfg["runner"]["max_iters"] = 1
