@@ -37,7 +37,7 @@ def test_gpu_check_refuses_a_real_run_without_a_gpu():
     assert proc.returncode == 2 and "no GPU here: run with --dry" in proc.stderr
 
 
-def test_the_e2e_recipe_is_the_examples(tmp_path):
+def test_the_e2e_recipe_is_the_examples():
     """bench/e2e.py trains seg-accel with the example loop's recipe: the CamVid config with the
     example's augmentation (antialiased random scale, random crop without cat_max_ratio, flip,
     no PhotoMetricDistortion), no gradient clipping, cross-entropy over the labelled pixels."""
@@ -58,7 +58,7 @@ def test_the_e2e_recipe_is_the_examples(tmp_path):
     assert cfg["optimizer_config"]["grad_clip"] is None
     assert cfg["model"]["decode_head"]["loss_decode"]["avg_non_ignore"] is True
     assert cfg["optimizer"]["lr"] == 1e-3 and cfg["data"]["samples_per_gpu"] == 4
-    proc = subprocess.run([sys.executable, "-m", "seg_accel", "print-config", str(e2e.CONFIG), "--cfg-options",
-                           *e2e.EXAMPLE_RECIPE, "data.train.data_root=.", "data.val.data_root=."],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]  # every component checks out
+    from seg_accel.engine.validate import validate_train_config
+
+    validate_train_config(load_config(e2e.CONFIG, [*e2e.EXAMPLE_RECIPE, "data.train.data_root=.",
+                                                   "data.val.data_root=."]))  # every component checks out

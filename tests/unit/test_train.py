@@ -94,7 +94,8 @@ def test_bf16_mixed_precision_from_the_config(tmp_path, fresh_accelerate):
 def test_bf16_on_the_cpu_keeps_normalisation_in_fp32(tmp_path, fresh_accelerate):
     """CPU autocast runs layer/batch norm in the dtype it gets (bf16 after a linear layer);
     CUDA's runs them in fp32. seg-accel makes the CPU do as CUDA does: norms get fp32 inputs
-    and give fp32 outputs, the linear layers after them still compute in bf16."""
+    and give fp32 outputs, the linear layers after them still compute in bf16; `seg-accel
+    evaluate` does the same."""
     from seg_accel.models.builder import keep_norms_fp32
 
     block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
@@ -119,11 +120,22 @@ def test_bf16_on_the_cpu_keeps_normalisation_in_fp32(tmp_path, fresh_accelerate)
     model = trainer.accelerator.unwrap_model(trainer.model)
     norms = [m for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d))]
     dtypes = []
-    for norm in norms:
-        norm.register_forward_hook(lambda m, i, out: dtypes.append((i[0].dtype, out.dtype)))
+    handles = [norm.register_forward_hook(lambda m, i, out: dtypes.append((i[0].dtype, out.dtype))) for norm in norms]
     segmentation_logits(trainer.model, trainer.val_set[0]["pixel_values"][None])
     assert len(dtypes) == len(norms) > 0 and set(dtypes) == {(torch.float32, torch.float32)}
     assert f"{len(norms)} normalisation layer(s) compute in fp32" in next((tmp_path / "work").glob("*.log")).read_text()
+    for handle in handles:
+        handle.remove()
+    # `seg-accel evaluate` of the run computes as its training's evaluation did: the same confusion matrix
+    from tests.conftest import run_script
+
+    trainer.train()
+    work = tmp_path / "work"
+    proc = run_script(["-m", "seg_accel", "evaluate", str(work), "--out", str(tmp_path / "again.json")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "normalisation layer(s) compute in fp32" in proc.stdout + proc.stderr
+    again = json.loads((tmp_path / "again.json").read_text())["confusion_matrix"]
+    assert again == json.loads((work / "eval_results.json").read_text())["confusion_matrix"]
 
 
 def test_fp16_on_cpu_is_announced(tmp_path, fresh_accelerate):
