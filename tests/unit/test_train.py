@@ -91,6 +91,7 @@ def test_bf16_mixed_precision_from_the_config(tmp_path, fresh_accelerate):
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())  # fp32 weights
 
 
+@pytest.mark.slow  # a training and a `seg-accel evaluate` subprocess: CI's slow step runs it
 def test_bf16_on_the_cpu_keeps_normalisation_in_fp32(tmp_path, fresh_accelerate):
     """CPU autocast runs layer/batch norm in the dtype it gets (bf16 after a linear layer);
     CUDA's runs them in fp32. seg-accel makes the CPU do as CUDA does: norms get fp32 inputs
