@@ -112,7 +112,10 @@ def test_ctrl_c_stops_every_process_with_one_line(tmp_path):
     work = tmp_path / "work"
     parent = subprocess.Popen([sys.executable, "-m", "seg_accel", "train", str(path), "--num-processes", "2",
                                "--work-dir", str(work)], cwd=tmp_path, env=script_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              # a terminal's Ctrl-C reaches a foreground command; a test run started in the
+                              # background (`cmd &` in a script) ignores SIGINT, and its children inherit that
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not (work / "iter_10").is_dir() and time.monotonic() < deadline and parent.poll() is None:
         time.sleep(0.2)
