@@ -219,10 +219,10 @@ def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metr
     threads.apply(threads.decide(cfg.torch_threads, cfg.data.loader(split)[1]))
     dataset, loader = build_eval_loader(cfg, split, acc)
     model = load_model(cfg, checkpoint).to(acc.device).eval()
-    if acc.mixed_precision == "bf16" and acc.device.type == "cpu":  # as training evaluated it
-        from seg_accel.models.builder import keep_norms_fp32
+    from seg_accel.models.builder import keep_norms_fp32_if_cpu_bf16
 
-        logger.info("%s", keep_norms_fp32(model))
+    if (note := keep_norms_fp32_if_cpu_bf16(model, acc)) is not None:  # as training evaluated it
+        logger.info("%s", note)
     inferencer = build_inferencer(cfg, acc, aug_test)
     overlays = Overlays(dataset, show_dir, opacity, cfg.ignore_index) if show_dir is not None else None
     logger.info("evaluating %s on data.%s (%d images, %d process(es)): %s%s", checkpoint, split, len(dataset),

@@ -52,7 +52,7 @@ from seg_accel.engine.setup import (
 )
 from seg_accel.losses.head import build_head_losses
 from seg_accel.models import build_model, family_of_model
-from seg_accel.models.builder import convert_sync_bn, keep_norms_fp32, set_norm_eval
+from seg_accel.models.builder import convert_sync_bn, keep_norms_fp32_if_cpu_bf16, set_norm_eval
 from seg_accel.models.processor import build_image_processor
 from seg_accel.optim import (
     build_constructor,
@@ -139,8 +139,8 @@ class Trainer:
             set_norm_eval(model)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if acc.mixed_precision == "bf16" and acc.device.type == "cpu":
-            notes.append(keep_norms_fp32(model))
+        if (note := keep_norms_fp32_if_cpu_bf16(model, acc)) is not None:
+            notes.append(note)
         optimizer_cfg, fused_note = with_fused_kernel(cfg.optimizer, acc.device.type)
         constructor = build_constructor(optimizer_cfg)
         optimizer = constructor(model)

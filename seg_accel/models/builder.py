@@ -20,9 +20,12 @@ from seg_accel.errors import ConfigError
 from seg_accel.models.hf import TransformersFamily, is_transformers_class
 from seg_accel.models.interface import EXPORT_CONFIG, ModelFamily, segmentation_logits  # noqa: F401 (re-export)
 from seg_accel.models.modules import EXPORT_KEY, ModuleFamily, load_module_export
+from seg_accel.optim.param_groups import NORM_TYPES
 from seg_accel.registry import MODELS
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from seg_accel.config.schema import ModelConfig
 
 logger = logging.getLogger("seg_accel")
@@ -253,9 +256,6 @@ def convert_sync_bn(model: nn.Module, num_processes: int, device_type: str) -> t
     return model, f"sync_bn: {count} BatchNorm layer(s) converted to SyncBatchNorm across {num_processes} processes"
 
 
-NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-
 def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
     return tuple(a.float() if torch.is_tensor(a) and a.dtype in (torch.bfloat16, torch.float16) else a for a in args)
 
@@ -269,8 +269,14 @@ def keep_norms_fp32(model: nn.Module) -> str:
     bf16 as before). Returns what was done (logged once by the caller)."""
     count = 0
     for module in model.modules():
-        if isinstance(module, NORM_LAYERS):
+        if isinstance(module, NORM_TYPES):
             module.register_forward_pre_hook(_inputs_to_fp32)
             count += 1
     return f"bf16 on the CPU: {count} normalisation layer(s) compute in fp32 (as CUDA's autocast runs them)"
 
+
+def keep_norms_fp32_if_cpu_bf16(model: nn.Module, accelerator: Accelerator) -> str | None:
+    """`keep_norms_fp32` for runs in bf16 on the CPU (training and evaluation alike); None otherwise."""
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        return keep_norms_fp32(model)
+    return None
