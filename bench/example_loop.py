@@ -156,11 +156,16 @@ def main() -> int:
                              semantic_loss_ignore_index=255)
     model = SegformerForSemanticSegmentation(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)  # the CamVid config's
-    scheduler = get_scheduler("polynomial", optimizer, num_warmup_steps=0, num_training_steps=args.iters)
+    # a prepared scheduler steps once per process at each call (Accelerate's AcceleratedScheduler), so the
+    # example scripts count their schedule's steps times the processes, as here: the lr reaches its end at
+    # the last iteration on any number of processes
+    scheduler = get_scheduler("polynomial", optimizer, num_warmup_steps=0,
+                              num_training_steps=args.iters * accelerator.num_processes)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
 
     starts = []  # each iteration's start: loading the batch, forward, backward, step
+    lrs = []  # the learning rate each iteration trains with
     model.train()
     step = 0
     iterator = iter(train_loader)
@@ -173,6 +178,7 @@ def main() -> int:
             batch = next(iterator)
         loss = model(**batch).loss
         accelerator.backward(loss)
+        lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -215,7 +221,7 @@ def main() -> int:
             "train_seconds": train_seconds, "iteration_seconds_median": float(np.median(times[5:])),
             "eval_seconds": eval_seconds, "miou": 100 * results["mean_iou"],
             "peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "datasets": with_datasets,
+            "datasets": with_datasets, "lrs": lrs,
         }))
     accelerator.end_training()
     return 0

@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -62,3 +64,25 @@ def test_the_e2e_recipe_is_the_examples():
 
     validate_train_config(load_config(e2e.CONFIG, [*e2e.EXAMPLE_RECIPE, "data.train.data_root=.",
                                                    "data.val.data_root=."]))  # every component checks out
+
+
+@pytest.mark.slow
+def test_the_example_loops_schedule_ends_at_its_last_iteration_on_2_processes(camvid, tmp_path):
+    """The example-style baseline prepares its scheduler with Accelerate, which steps it once per
+    process at each call; the schedule counts its steps times the processes (as transformers'
+    example scripts do), so on 2 processes its lr falls linearly over all iterations, as
+    seg-accel's poly schedule does, instead of reaching its end halfway."""
+    import json
+    import sys
+
+    out = tmp_path / "example.json"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(REPO / "bench/example_loop.py"), "--data", str(camvid), "--iters", "4", "--out", str(out)]
+    proc = subprocess.run(command, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["processes"] == 2
+    expected = [(1e-3 - 1e-7) * (1 - i / 4) + 1e-7 for i in range(4)]  # transformers' polynomial, power 1
+    assert result["lrs"] == pytest.approx(expected, rel=1e-6)
