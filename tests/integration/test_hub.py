@@ -50,6 +50,7 @@ def train_with_push(tmp_path: Path, cfg: dict, **env: str):
     return proc
 
 
+@pytest.mark.slow  # about 50 s: trains and pushes several checkpoints; CI's slow step runs it
 def test_training_pushes_every_checkpoint_and_the_repo_model_predicts_as_the_local_export(tmp_path, hub_server):
     from PIL import Image
     from transformers import AutoModelForSemanticSegmentation, pipeline
