@@ -49,7 +49,8 @@ EXAMPLE_RECIPE = (
 )
 
 
-def run_example(data: Path, iters: int, processes: int, out: Path, seed: int = 0) -> dict:
+def run_example(data: Path, iters: int, processes: int, out: Path, seed: int = 0,
+                timeout: float | None = None) -> dict:
     script = [str(REPO / "bench/example_loop.py"), "--data", str(data), "--iters", str(iters), "--out", str(out),
               "--seed", str(seed)]
     if processes > 1:
@@ -58,7 +59,7 @@ def run_example(data: Path, iters: int, processes: int, out: Path, seed: int = 0
         env = {**os.environ, "ACCELERATE_USE_CPU": "1"}  # the example knows no other way to run on CPUs
     else:
         command, env = [sys.executable, *script], dict(os.environ)
-    return launched(command, env, out)
+    return launched(command, env, out, timeout=timeout)
 
 
 def run_seg_accel(data: Path, iters: int, processes: int, out: Path, work: Path, fast: bool,
@@ -76,9 +77,9 @@ def run_seg_accel(data: Path, iters: int, processes: int, out: Path, work: Path,
     return launched(command, env, out, cwd=REPO / "bench")
 
 
-def launched(command: list[str], env: dict, out: Path, cwd: Path = REPO) -> dict:
+def launched(command: list[str], env: dict, out: Path, cwd: Path = REPO, timeout: float | None = None) -> dict:
     started = time.time()
-    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not out.is_file():
         sys.exit(f"a run failed ({' '.join(command[:6])} ...):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     result = json.loads(out.read_text())

@@ -39,19 +39,24 @@ def test_gpu_check_refuses_a_real_run_without_a_gpu():
     assert proc.returncode == 2 and "no GPU here: run with --dry" in proc.stderr
 
 
-def test_the_e2e_recipe_is_the_examples():
-    """bench/e2e.py trains seg-accel with the example loop's recipe: the CamVid config with the
-    example's augmentation (antialiased random scale, random crop without cat_max_ratio, flip,
-    no PhotoMetricDistortion), no gradient clipping, cross-entropy over the labelled pixels."""
+def import_e2e():
     import sys
-
-    from seg_accel.config.loader import load_config
 
     sys.path.insert(0, str(REPO / "bench"))
     try:
         import e2e
     finally:
         sys.path.remove(str(REPO / "bench"))
+    return e2e
+
+
+def test_the_e2e_recipe_is_the_examples():
+    """bench/e2e.py trains seg-accel with the example loop's recipe: the CamVid config with the
+    example's augmentation (antialiased random scale, random crop without cat_max_ratio, flip,
+    no PhotoMetricDistortion), no gradient clipping, cross-entropy over the labelled pixels."""
+    from seg_accel.config.loader import load_config
+
+    e2e = import_e2e()
     cfg = load_config(e2e.CONFIG, list(e2e.EXAMPLE_RECIPE)).dict
     steps = cfg["data"]["train"]["pipeline"]
     assert [s["type"] for s in steps] == ["RandomResize", "RandomCrop", "RandomFlip", "Normalize", "Pad"]
@@ -72,17 +77,7 @@ def test_the_example_loops_schedule_ends_at_its_last_iteration_on_2_processes(ca
     process at each call; the schedule counts its steps times the processes (as transformers'
     example scripts do), so on 2 processes its lr falls linearly over all iterations, as
     seg-accel's poly schedule does, instead of reaching its end halfway."""
-    import json
-    import sys
-
-    out = tmp_path / "example.json"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO / "bench/example_loop.py"), "--data", str(camvid), "--iters", "4", "--out", str(out)]
-    proc = subprocess.run(command, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = import_e2e().run_example(camvid, 4, 2, tmp_path / "example.json", timeout=600)  # as the bench runs it
     assert result["processes"] == 2
     expected = [(1e-3 - 1e-7) * (1 - i / 4) + 1e-7 for i in range(4)]  # transformers' polynomial, power 1
     assert result["lrs"] == pytest.approx(expected, rel=1e-6)
