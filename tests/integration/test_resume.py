@@ -13,6 +13,7 @@ from tests.conftest import (
     NORMALIZE,
     REPO,
     accelerate_launch,
+    make_trainer,
     run_script,
     tiny_config,
     write_yaml,
@@ -57,6 +58,20 @@ KILLER = textwrap.dedent("""
                     os.kill(os.getpid(), signal.SIGKILL)
 
             runner.accelerator.save_state = save_state
+
+
+    @HOOKS.register()
+    class KillAfterIteration(Hook):
+        \"\"\"SIGKILL right after every other hook of iteration `at` has run (priority 99).\"\"\"
+
+        priority = 99
+
+        def __init__(self, at: int):
+            self.at = at
+
+        def after_train_iter(self, runner):
+            if runner.iter == self.at:
+                os.kill(os.getpid(), signal.SIGKILL)
 """)
 
 
@@ -140,3 +155,45 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     assert not (work / ".iter_10.tmp").exists() and (work / "iter_10").is_dir() and (work / "iter_15").is_dir()
 
 
+
+
+def best_folders(work):
+    return sorted(p.name for p in work.glob("best_*") if (p / "manifest.json").is_file())
+
+
+def test_a_resume_at_a_checkpoint_that_was_also_the_best_keeps_the_best(tmp_path, fresh_accelerate):
+    """The evaluation of iteration 4 is the best so far and 4 is also a checkpoint iteration; the run
+    is killed right after it. The resumed run knows that best (score and folder), and at the end
+    exactly one best_* folder exists: the best of every evaluation of both runs."""
+    (tmp_path / "killers.py").write_text(KILLER)
+    cfg = tiny_config(custom_imports={"imports": ["killers"]}, checkpoint_config={"interval": 4},
+                      evaluation={"interval": 4, "save_best": "mIoU", "final": False}, log_config={"interval": 1})
+    cfg["runner"]["max_iters"] = 8
+    killed_cfg = {**cfg, "custom_hooks": [{"type": "KillAfterIteration", "at": 4}]}
+    path = write_yaml(tmp_path / "killed.yaml", killed_cfg)
+    work = tmp_path / "work"
+    killed = run_script([str(REPO / "scripts/train.py"), str(path), "--work-dir", str(work)], cwd=tmp_path)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    first_eval = json.loads((work / "eval_results.json").read_text())
+    assert first_eval["iter"] == 4 and best_folders(work) == ["best_mIoU_iter_4"]
+    score_4 = first_eval["metrics"]["mIoU"]
+
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from seg_accel.engine.hooks import EvalHook
+
+        trainer, _ = make_trainer(tmp_path, {**cfg, "auto_resume": True})
+        evaluation = next(h for h in trainer.hooks if isinstance(h, EvalHook))
+        assert trainer.iter == 4
+        assert evaluation.best_score == pytest.approx(score_4) and evaluation.best_dir == "best_mIoU_iter_4"
+        trainer.train()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("killers", None)
+    score_8 = json.loads((work / "eval_results.json").read_text())["metrics"]["mIoU"]
+    best = "best_mIoU_iter_8" if score_8 > score_4 else "best_mIoU_iter_4"
+    assert best_folders(work) == [best]
+    meta = json.loads((work / best / "runner_state.json").read_text())["hooks"]["EvalHook"]
+    assert meta == {"best_score": pytest.approx(max(score_4, score_8)), "best_dir": best}
