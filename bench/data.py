@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(REPO)
     from seg_accel.config import load_config
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
     from seg_accel.data import build_dataset
 
     if not (REPO.parent / "shared/data/camvid").is_dir():

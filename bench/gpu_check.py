@@ -157,7 +157,7 @@ def run_trainer(cfg_dict: dict[str, Any]) -> tuple[Any, Probe]:
 
     from seg_accel.config import load_config
     from seg_accel.engine import Trainer
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
 
     reset_accelerate()
     if torch.cuda.is_available():

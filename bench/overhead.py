@@ -112,7 +112,7 @@ class Clock:
 
 def run_trainer(iters: int, checkpoint_interval: int) -> float:
     from seg_accel.config.loader import Config
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
     from seg_accel.engine import Trainer
     from seg_accel.engine.hooks import Hook
 

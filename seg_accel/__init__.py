@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from seg_accel.version import __version__
+
 __all__ = ["Predictor", "__version__", "load_model"]
 
 
@@ -15,7 +16,7 @@ def __getattr__(name: str) -> Any:
 
         return load_model
     if name == "Predictor":
-        from seg_accel.engine.predict import Predictor
+        from seg_accel.inference.predict import Predictor
 
         return Predictor
     raise AttributeError(f"module 'seg_accel' has no attribute {name!r}")

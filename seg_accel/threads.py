@@ -9,7 +9,7 @@ busy 2-core machine, 11 images/s with 1 thread). seg-accel decides:
 - torch threads per process: ``torch_threads`` from the config, else ``OMP_NUM_THREADS`` when
   set (by the user, or by a launcher), else the cores this process may use divided by the
   processes on this machine (at least 1);
-- DataLoader workers: 1 thread each (``seg_accel.data.loader.worker_init``), whatever the process has;
+- DataLoader workers: 1 thread each (``seg_accel.data.seeds.worker_init``), whatever the process has;
 
 and says it at start, with a warning when the threads exceed the cores.
 """

@@ -121,7 +121,7 @@ def make_trainer(tmp_path: Path, cfg_dict: dict, options: tuple = ()) -> tuple[A
     """A Trainer (in this process) for ``cfg_dict`` written to ``tmp_path/exp.yaml``, work dir ``tmp_path/work``."""
     from seg_accel.config import load_config
     from seg_accel.engine import Trainer
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
 
     path = write_yaml(tmp_path / "exp.yaml", cfg_dict)
     cfg = load_config(path, list(options))

@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
 
 
 def usage() -> str:
-    from seg_accel import __version__
+    from seg_accel.version import __version__
 
     width = max(len(name) for name in COMMANDS)
     lines = [f"seg-accel {__version__}: semantic segmentation on Hugging Face Accelerate", "",
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     if argv[0] == "--version":
-        from seg_accel import __version__
+        from seg_accel.version import __version__
 
         print(f"seg-accel {__version__}")
         return 0

@@ -155,7 +155,7 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.
 def report(line: str) -> None:
     """The one line on stderr, and in the run's log file when there is one (why the run ended)."""
     print(line, file=sys.stderr)
-    from seg_accel.engine.log import record_in_log_file
+    from seg_accel.runtime.console import record_in_log_file
 
     record_in_log_file(line)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from seg_accel.cli.common import add_launch_arguments, add_option_arguments, resolve_config, run_cli
-from seg_accel.engine.checkpoint import pick_weights
+from seg_accel.models import pick_weights
 from seg_accel.errors import ConfigError
 
 
@@ -48,7 +48,7 @@ def evaluate_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def _run_dir(path: Path) -> Path | None:
     """The work dir a checkpoint or export belongs to (the folder with config.yaml)."""
-    from seg_accel.engine.workdir import CONFIG_FILE
+    from seg_accel.runtime.workdir import CONFIG_FILE
 
     for folder in (path, *list(path.parents)[:3]):
         if (folder / CONFIG_FILE).is_file():
@@ -58,7 +58,7 @@ def _run_dir(path: Path) -> Path | None:
 
 def resolve_sources(sources: list[str]) -> tuple[str, str, Path | None]:
     """(config, weights, the work dir results go into by default)."""
-    from seg_accel.engine.workdir import CONFIG_FILE
+    from seg_accel.runtime.workdir import CONFIG_FILE
 
     if len(sources) > 2:
         raise ConfigError(f"expected [CONFIG] CHECKPOINT_OR_WORK_DIR, got {len(sources)} arguments",
@@ -88,7 +88,7 @@ def default_out(weights: str, run_dir: Path | None, work_dir: str) -> Path:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from seg_accel.config import load_config
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
 
     if not 0.0 <= args.opacity <= 1.0:
         raise ConfigError(f"must be in [0, 1], got {args.opacity}", key="--opacity")
@@ -102,7 +102,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                           "classes", key="--metrics AUC" if "AUC" in args.metrics else "--threshold-sweep")
     out = Path(args.out) if args.out else default_out(weights, run_dir, train_cfg.work_dir)
 
-    from seg_accel.engine.tester import evaluate_checkpoint
+    from seg_accel.inference.evaluate import evaluate_checkpoint
 
     with cfg.errors_located():
         evaluate_checkpoint(train_cfg, cfg, weights, args.metrics, args.aug_test, out,

@@ -11,7 +11,7 @@ from seg_accel.errors import ConfigError
 
 
 def export_onnx_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from seg_accel.engine.onnx_export import DEFAULT_OPSET
+    from seg_accel.inference.onnx_export import DEFAULT_OPSET
 
     parser = argparse.ArgumentParser(
         prog=prog, description="Export a model to ONNX (pixel_values -> logits) and check it against PyTorch in "
@@ -33,8 +33,8 @@ def export_onnx_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def export_source(text: str) -> str:
     """An export folder for ``text``: a work dir gives its final/ (else best/newest checkpoint's
     pretrained/), a checkpoint its pretrained/."""
-    from seg_accel.engine.checkpoint import pick_weights
-    from seg_accel.engine.workdir import CONFIG_FILE
+    from seg_accel.models import pick_weights
+    from seg_accel.runtime.workdir import CONFIG_FILE
 
     path = Path(text)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
@@ -51,8 +51,8 @@ def _export(args: argparse.Namespace) -> int:
         raise ConfigError(f"height and width must be >= 16, got {args.size}", key="--size")
     if args.opset < 13:
         raise ConfigError(f"must be >= 13, got {args.opset}", key="--opset")
-    from seg_accel.engine.log import setup_logging
-    from seg_accel.engine.onnx_export import export_with_parity, require_onnxruntime
+    from seg_accel.runtime.console import setup_logging
+    from seg_accel.inference.onnx_export import export_with_parity, require_onnxruntime
 
     require_onnxruntime()
     setup_logging(None, True)

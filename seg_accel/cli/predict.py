@@ -50,7 +50,7 @@ def predict_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def split_sources(sources: list[str], hub: bool = False) -> tuple[str, str | None, list[str]]:
     """``(source, weights, inputs)``: a config takes the next argument as its weights; inputs
     are needed unless the images come from a dataset (``hub``)."""
-    from seg_accel.engine.predict import is_config_source
+    from seg_accel.inference.predict import is_config_source
 
     source = resolve_config(sources[0])
     least = 0 if hub else 1
@@ -90,7 +90,7 @@ def _predict(args: argparse.Namespace) -> int:
     hub = args.hub_dataset is not None
     source, weights, inputs = split_sources(args.sources, hub)
     if not hub:
-        from seg_accel.engine.predict import collect_inputs
+        from seg_accel.inference.predict import collect_inputs
 
         collect_inputs(inputs)  # a missing input is an error before anything starts
     if args.num_processes is not None and args.num_processes > 1 or args.config_file is not None:
@@ -101,9 +101,9 @@ def _predict(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from seg_accel import threads
-    from seg_accel.engine.log import setup_logging
-    from seg_accel.engine.predict import Predictor
-    from seg_accel.engine.setup import multi_process_without_accelerator
+    from seg_accel.runtime.console import setup_logging
+    from seg_accel.inference.predict import Predictor
+    from seg_accel.runtime.accelerator import multi_process_without_accelerator
 
     accelerator = Accelerator(cpu=multi_process_without_accelerator())
     setup_logging(None, accelerator.is_main_process)

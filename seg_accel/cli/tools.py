@@ -12,7 +12,7 @@ from seg_accel.errors import ConfigError
 # --------------------------------------------------------------------------- print_config
 def _print_config(args: argparse.Namespace) -> int:
     from seg_accel.config import load_config
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
 
     cfg = load_config(args.config, args.cfg_options)
     sys.stdout.write(cfg.dump())
@@ -31,7 +31,7 @@ def print_config_cli(argv: Sequence[str] | None = None, prog: str | None = None)
 # --------------------------------------------------------------------------- print_param_groups
 def _print_param_groups(args: argparse.Namespace) -> int:
     from seg_accel.config import load_config
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
     from seg_accel.models.builder import build_empty_model, build_model
     from seg_accel.optim import build_constructor, param_group_table
 
@@ -60,7 +60,7 @@ def _class_weights(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from seg_accel.config import load_config
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
     from seg_accel.data import build_dataset
     from seg_accel.data.statistics import class_weights, count_pixels, frequency_table
 
@@ -106,7 +106,7 @@ def class_weights_cli(argv: Sequence[str] | None = None, prog: str | None = None
 def _push_to_hub(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from seg_accel.engine.log import setup_logging
+    from seg_accel.runtime.console import setup_logging
     from seg_accel.hub.publish import publish
 
     setup_logging(None, True)

@@ -59,7 +59,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def load_train_config(args: argparse.Namespace) -> tuple[Any, Any]:
     """(resolved config, validated TrainConfig)."""
     from seg_accel.config import load_config
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
 
     cfg = load_config(args.config, args.cfg_options, overrides=config_overrides(args))
     return cfg, validate_train_config(cfg, args.work_dir)
@@ -67,7 +67,7 @@ def load_train_config(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def interrupted_message(args: argparse.Namespace) -> str:
     """One line: where the last checkpoint is and how to continue from it."""
-    from seg_accel.engine.checkpoint import latest_checkpoint
+    from seg_accel.runtime.checkpoints import latest_checkpoint
 
     try:
         _, train_cfg = load_train_config(args)

@@ -3,7 +3,7 @@
 This module is data only: ``parse_train_config`` turns the resolved YAML into frozen
 dataclasses and checks types and ranges. What a component name means (``{type: ...}``
 against its registry), the model architecture and the dry build of losses, optimizer and
-schedules are checked by ``seg_accel.engine.validate``, which also fills in the values
+schedules are checked by ``seg_accel.validate``, which also fills in the values
 that come from elsewhere (the data's class names, the work dir) in one place.
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ class Component:
     """Annotation metadata of a config field that holds a component (``{type: Name, ...}``) of
     some ``kind`` (or a list of them). Parsing checks only the shape; what the name means and
     which options it takes is checked against the registry of that kind by the builders
-    (``seg_accel.engine.validate``), so this layer needs no registry.
+    (``seg_accel.validate``), so this layer needs no registry.
 
     ``many``: False, one mapping; True, a list; "either", one or a list. ``key``: the field
     naming the component (``policy`` for schedules)."""

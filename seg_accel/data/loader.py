@@ -14,37 +14,15 @@ from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from seg_accel.threads import one_thread
+from seg_accel.data.seeds import epoch_order, sample_seed, worker_init
+from seg_accel.data.streaming import ShardStream, StreamBatches, usable_workers
 from seg_accel.errors import DataError
+from seg_accel.threads import one_thread
 
 logger = logging.getLogger("seg_accel")
-
-_SEED_MOD = 2**63 - 1
-
-
-def epoch_order(size: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
-    """The order of the dataset's indices in ``epoch`` (same on every process)."""
-    if not shuffle:
-        return torch.arange(size)
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % _SEED_MOD)
-    return torch.randperm(size, generator=gen)
-
-
-def _mix64(x: int) -> int:
-    """splitmix64's finaliser: a cheap bijective scramble of 64-bit integers."""
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return x ^ (x >> 31)
-
-
-def sample_seed(seed: int, position: int) -> int:
-    """Augmentation seed of the sample at global stream ``position`` (a pure function of both)."""
-    return _mix64((_mix64(seed & 0xFFFFFFFFFFFFFFFF) + position * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) % _SEED_MOD
-
 
 class InfiniteShardedSampler(Sampler):
     """An endless stream of ``(index, aug_seed, epoch)``: epochs of the dataset, each in a
@@ -113,26 +91,6 @@ def collate(samples: list[dict[str, Any]], key: str = "data") -> dict[str, Any]:
     }
 
 
-def worker_threads(worker_id: int = 0) -> None:
-    """In a DataLoader worker: one torch (and OpenCV) thread, whatever the training process has:
-    workers run beside each other and beside training, so threads inside each would only fight
-    for the same cores."""
-    torch.set_num_threads(1)
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
-
-
-def worker_init(worker_id: int) -> None:
-    """``worker_threads``, and numpy's global RNG from torch's per-worker seed (the transforms have
-    their own per-sample seeds)."""
-    worker_threads(worker_id)
-    np.random.seed(torch.initial_seed() % 2**32)
-
-
 def build_train_loader(
     dataset: Dataset,
     samples_per_gpu: int,
@@ -148,7 +106,6 @@ def build_train_loader(
 ) -> Any:
     """An endless loader of this process's shard of the training stream (map-style or streamed)."""
     if getattr(dataset, "streaming", False):
-        from seg_accel.data.streaming import ShardStream, StreamBatches, usable_workers
 
         stream = ShardStream(dataset, rank, world_size, seed, shuffle, buffer_size, samples_per_gpu,
                              start_samples=start)
@@ -217,7 +174,6 @@ def build_val_loader(
     if samples_per_gpu == "auto" and (getattr(dataset, "streaming", False) or not hasattr(dataset, "image_size")):
         samples_per_gpu = 1  # streamed: sizes are not known ahead
     if getattr(dataset, "streaming", False):
-        from seg_accel.data.streaming import ShardStream, StreamBatches, usable_workers
 
         stream = ShardStream(dataset, rank, world_size, seed=0, shuffle=False, batch_size=samples_per_gpu,
                              epochs=1, pad=False)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from seg_accel.data.loader import sample_seed
+from seg_accel.data.seeds import sample_seed, worker_threads
 from seg_accel.errors import ConfigError, DataError
 
 logger = logging.getLogger("seg_accel")
@@ -295,7 +295,6 @@ class StreamBatches:
         self.stream, self.batch_size, self.collate = stream, batch_size, collate
         # its own generator: starting the loader must not draw from the global RNG (dropout uses it)
         generator = torch.Generator().manual_seed(stream.seed + stream.rank)
-        from seg_accel.data.loader import worker_threads
 
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  persistent_workers=workers > 0 and stream.epochs is None, generator=generator,

@@ -1,12 +1,12 @@
 """Training and evaluation engine: the loop, its hooks and the components they call.
 
 ``Trainer`` is imported on first use, so that a command that fails on its config
-(``seg_accel.engine.validate``) never loads the model libraries."""
+(``seg_accel.validate``) never loads the model libraries."""
 from __future__ import annotations
 
 from typing import Any
 
-from seg_accel.engine.workdir import CONFIG_FILE, EVAL_RESULTS, FINAL_DIR, RUN_INFO
+from seg_accel.runtime.workdir import CONFIG_FILE, EVAL_RESULTS, FINAL_DIR, RUN_INFO
 
 __all__ = ["CONFIG_FILE", "EVAL_RESULTS", "FINAL_DIR", "RUN_INFO", "Trainer"]
 

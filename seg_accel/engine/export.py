@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from seg_accel.engine.workdir import WRITE_ERRORS, agree_on_write
+from seg_accel.runtime.storage import WRITE_ERRORS, agree_on_write
 from seg_accel.models import export_model
 
 logger = logging.getLogger("seg_accel")

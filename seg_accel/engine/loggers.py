@@ -9,6 +9,7 @@ evaluation records go the same way. TensorBoard, W&B and MLflow are Accelerate t
 """
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import logging
@@ -21,16 +22,56 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from seg_accel.engine.hooks import Hook
-from seg_accel.engine.log import IntervalMeter, format_eta
 from seg_accel.errors import ConfigError
 from seg_accel.registry import HOOKS
 
 if TYPE_CHECKING:
-    from seg_accel.engine.trainer import Trainer
+    from seg_accel.engine.runner import Runner
 
 logger = logging.getLogger("seg_accel")
 
+class IntervalMeter:
+    """Sums scalars over a log interval; ``averages`` returns the interval means.
+
+    Tensors stay on their device until ``averages`` (no device sync per iteration).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def update(self, values: dict[str, float | torch.Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def averages(self) -> dict[str, float]:
+        return {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+
+def format_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
 PER_CLASS = ("IoU", "Acc", "Dice", "Fscore", "Precision", "Recall")  # per-class columns: the table shows them
+
+
+def scheduled_values(groups: list[dict[str, Any]], group_names: list[str], momentum: bool) -> dict[str, float]:
+    """The lr (first group, and each group by name when there are several) and, with a momentum
+    schedule, the momentum this step uses."""
+    values: dict[str, float] = {}
+    if "lr" in groups[0]:
+        values["lr"] = groups[0]["lr"]
+        if len(groups) > 1:
+            values.update({f"lr.{name}": g["lr"] for name, g in zip(group_names, groups)})
+    if momentum:
+        values["momentum"] = groups[0]["betas"][0] if "betas" in groups[0] else groups[0]["momentum"]
+    return values
 
 
 class RunLog:
@@ -119,7 +160,7 @@ class LoggerHook(Hook):
     def log(self, record: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def after_train_iter(self, runner: Trainer) -> None:
+    def after_train_iter(self, runner: Runner) -> None:
         record = self.run_log.train_record(runner.iter, runner.epoch)
         if record is not None:
             self.log(record)

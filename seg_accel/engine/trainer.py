@@ -10,11 +10,13 @@ schedules and the optimizer step are ``LrUpdaterHook`` (priority 10) and ``Optim
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,7 @@ from seg_accel import threads
 from seg_accel.config.loader import Config
 from seg_accel.config.schema import TrainConfig
 from seg_accel.data import EpochBookkeeping, build_dataset, build_train_loader
-from seg_accel.engine import workdir
-from seg_accel.engine.checkpoint import Checkpointer, RunnerState, load_weights
-from seg_accel.engine.evaluation import Evaluator
+from seg_accel.engine.checkpoint import Checkpointer
 from seg_accel.engine.export import Exporter
 from seg_accel.engine.hooks import (
     CheckpointHook,
@@ -40,19 +40,15 @@ from seg_accel.engine.hooks import (
     MomentumUpdaterHook,
     OptimizerHook,
 )
-from seg_accel.engine.log import IntervalMeter, setup_logging
-from seg_accel.engine.loggers import LoggerHook, RunLog, tracker_project
-from seg_accel.engine.setup import (
-    build_accelerator,
-    build_eval_loader,
-    build_inferencer,
-    describe_run,
-    pin_memory,
-    quiet_libraries,
-)
+from seg_accel.engine.loggers import IntervalMeter, LoggerHook, RunLog, scheduled_values, tracker_project
+from seg_accel.engine.runner import Runner
+from seg_accel.engine.state import LoopState, TrainingState, run_info, workflow_phases
+from seg_accel.engine.summary import describe_run
+from seg_accel.inference.evaluation import Evaluator, build_eval_loader
+from seg_accel.inference.inferencer import build_inferencer
 from seg_accel.losses.head import build_head_losses
-from seg_accel.models import build_model, family_of_model
-from seg_accel.models.builder import convert_sync_bn, keep_norms_fp32_if_cpu_bf16, set_norm_eval
+from seg_accel.models import build_model, family_of_model, keep_norms_fp32_if_cpu_bf16, load_weights
+from seg_accel.models.builder import convert_sync_bn, set_norm_eval
 from seg_accel.models.processor import build_image_processor
 from seg_accel.optim import (
     build_constructor,
@@ -62,22 +58,42 @@ from seg_accel.optim import (
     with_fused_kernel,
 )
 from seg_accel.registry import HOOKS
+from seg_accel.runtime.workdir import CONFIG_FILE, EVAL_RESULTS, FINAL_DIR, RUN_INFO
+from seg_accel.runtime.accelerator import build_accelerator, pin_memory, quiet_libraries
+from seg_accel.runtime.console import setup_logging
+from seg_accel.runtime.storage import write_text_atomic
 
 logger = logging.getLogger("seg_accel")
 
-# the work-dir file names (defined in seg_accel.engine.workdir)
-CONFIG_FILE, EVAL_RESULTS, FINAL_DIR, RUN_INFO = (workdir.CONFIG_FILE, workdir.EVAL_RESULTS, workdir.FINAL_DIR,
-                                                  workdir.RUN_INFO)
 
 
 class Trainer:
     """Builds everything from a validated ``TrainConfig``; ``train()`` runs the workflow."""
 
     def __init__(self, cfg: TrainConfig, raw_cfg: Config, work_dir: str | Path | None = None):
-        from accelerate.utils import set_seed
-
         self.cfg, self.by_epoch = cfg, cfg.runner.by_epoch
         self.work_dir = Path(work_dir if work_dir is not None else cfg.work_dir)
+        self.loop = LoopState()  # the counters: written by this loop alone (hooks get a read-only Runner)
+        logger_hooks = self._start(raw_cfg)
+        self._build_data()
+        model, group_table, notes = self._build_model_and_optimizer()
+        self._build_components()
+        self._build_hooks(logger_hooks)
+        self._resume(model)
+        self._build_train_loader()
+        if self.accelerator.is_main_process:  # built, loaded and resumed: this config is now the work dir's
+            write_text_atomic(self.work_dir / CONFIG_FILE, self._config_text)
+        describe_run(cfg, self.accelerator, self.work_dir, model, self.train_set, self.val_set, self.train_loader,
+                     self.head_losses, self.steps_per_epoch, self.exporter.sharded,
+                     self.ddp_kwargs.find_unused_parameters, group_table, self.hooks, notes)
+
+    # ------------------------------------------------------------------ build steps
+    def _start(self, raw_cfg: Config) -> list[Hook]:
+        """The Accelerator (with the logger hooks' trackers), the work dir, logging, the thread
+        budget, this run's config beside its log, the seed. Returns the logger hooks."""
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
         logger_hooks = [self._build_hook(c, f"log_config.hooks.{i}") for i, c in enumerate(cfg.log_config.hooks)]
         self.trackers, tracker_dir = tracker_project(logger_hooks, self.work_dir)
         self.accelerator, self.ddp_kwargs = build_accelerator(cfg, self.trackers, tracker_dir)
@@ -93,13 +109,17 @@ class Trainer:
         # once the run has started (a resume that fails must not replace it)
         self._config_text = raw_cfg.dump(work_dir=str(self.work_dir))
         if acc.is_main_process:
-            workdir.write_text_atomic(self.work_dir / f"{timestamp}.config.yaml", self._config_text)
+            write_text_atomic(self.work_dir / f"{timestamp}.config.yaml", self._config_text)
         quiet_libraries(acc.is_main_process)
         # Depthwise conv weights (C, 1, k, k) get grads whose size-1 dim has another stride than
         # DDP's bucket view: the same memory layout, so DDP's performance warning is a false alarm.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         set_seed(cfg.seed, deterministic=cfg.deterministic)
+        return logger_hooks
 
+    def _build_data(self) -> None:
+        """The heads' losses, the training set, the val set and loader, the run's length."""
+        cfg, acc = self.cfg, self.accelerator
         self.classes = list(cfg.classes)
         self.head_losses = [build_head_losses(cfg.model.decode_head, len(self.classes), "decode", "model.decode_head")]
         if cfg.model.auxiliary_head is not None:
@@ -111,26 +131,28 @@ class Trainer:
         self.val_set = self.val_loader = None
         if cfg.data.val is not None:
             self.val_set, self.val_loader = build_eval_loader(cfg, "val", acc)
-
-        # counters (restored on resume); iter counts finished iterations (optimizer steps, or
-        # micro-batch groups that a skipped step did not apply)
-        self.iter, self.epoch, self.optimizer_steps, self.samples = 0, 0, 0, 0
-        self.seconds_before = 0.0  # training time of the runs this one resumes
         per_process = math.ceil(len(self.train_set) / acc.num_processes)
         self.steps_per_epoch = max(1, math.ceil(per_process / (cfg.data.samples_per_gpu *
                                                                cfg.gradient_accumulation_steps)))
         self.max_iters = cfg.runner.max_epochs * self.steps_per_epoch if self.by_epoch else cfg.runner.max_iters
 
+    def _build_model_and_optimizer(self) -> tuple[torch.nn.Module, str, list[str]]:
+        """The model (its family's forward, weights from ``load_from``, sync BN, norm modes,
+        memory format) and the optimizer, prepared. Returns (the unwrapped model, the group
+        table, notes for the summary)."""
+        from accelerate.utils import set_seed
+
+        cfg, acc = self.cfg, self.accelerator
         set_seed(cfg.seed, deterministic=cfg.deterministic)  # so that data libraries' use of the RNGs never changes the init
         model = build_model(cfg.model, self.classes)
         if cfg.load_from is not None:
             load_weights(model, Path(cfg.load_from))
         family = family_of_model(model)
-        self.forward = family.forward_fn(model, auxiliary=len(self.head_losses) > 1)
+        aux_trained = len(self.head_losses) > 1
+        self.forward = family.forward_fn(model, auxiliary=aux_trained)
         find_unused = cfg.find_unused_parameters
-        if find_unused is None:
-            find_unused = family.needs_unused_parameter_search(model, aux_trained=len(self.head_losses) > 1)
-        self.ddp_kwargs.find_unused_parameters = find_unused
+        self.ddp_kwargs.find_unused_parameters = family.needs_unused_parameter_search(model, aux_trained) \
+            if find_unused is None else find_unused
         notes = []
         if cfg.sync_bn:
             model, note = convert_sync_bn(model, acc.num_processes, acc.device.type)
@@ -147,67 +169,46 @@ class Trainer:
         notes_of_groups = list(getattr(constructor, "notes", None) or []) + ([fused_note] if fused_note else [])
         group_table = param_group_table(model, optimizer, notes_of_groups)
         self.group_names = [g.get("name", f"group{i}") for i, g in enumerate(optimizer.param_groups)]
+        self._optimizer, self._params = optimizer, [p for group in optimizer.param_groups for p in group["params"]]
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.scheduled: dict[str, float] = {}
-        self.outputs: dict[str, Any] = {}
+        return model, group_table, notes
 
+    def _build_components(self) -> None:
+        """What the hooks are given: the run log, the exporter, the checkpointer, the evaluator."""
+        cfg, acc = self.cfg, self.accelerator
         self.log = RunLog(acc, self.work_dir, self.json_log_path, cfg.log_config.interval, self.max_iters,
                           self.by_epoch, self.steps_per_epoch)
         self.exporter = Exporter(acc, self.model, self.classes, build_image_processor(cfg.data))
         self.checkpoint_dir = Path(cfg.checkpoint_config.out_dir) if cfg.checkpoint_config and \
             cfg.checkpoint_config.out_dir else self.work_dir
-        self.checkpointer = Checkpointer(acc, self.checkpoint_dir, RunnerState(self), self.exporter)
+        self.hooks = HookList()
+        self.checkpointer = Checkpointer(acc, self.checkpoint_dir, TrainingState(self.loop, self.hooks), self.exporter)
         self.evaluator = None
         if cfg.evaluates:
             self.evaluator = Evaluator(acc, self.model, self.val_loader, self.classes, cfg.ignore_index,
                                        build_inferencer(cfg, acc), self.work_dir / EVAL_RESULTS, self.log)
-        self.hooks = HookList()
-        self.schedulers = self._register_builtin_hooks(optimizer)
-        for hook in logger_hooks:
-            hook.attach(self.log)
-            self.register_hook(hook)
-        for i, hook_cfg in enumerate(cfg.custom_hooks):
-            self.register_hook(self._build_hook(hook_cfg, f"custom_hooks.{i}"), hook_cfg.get("priority"))
+        self.runner = Runner(self.loop, accelerator=acc, model=self.model, optimizer=self.optimizer, log=self.log,
+                             checkpointer=self.checkpointer, evaluator=self.evaluator, exporter=self.exporter,
+                             work_dir=self.work_dir, checkpoint_dir=self.checkpoint_dir, max_iters=self.max_iters,
+                             max_epochs=cfg.runner.max_epochs if self.by_epoch else None, by_epoch=self.by_epoch,
+                             run_info=self.run_info, _hooks=self.hooks)
 
-        self._resume(model)
-        self.train_loader = build_train_loader(
-            self.train_set, cfg.data.samples_per_gpu, cfg.data.workers_per_gpu, acc.process_index,
-            acc.num_processes, cfg.seed, start=self.samples, pin_memory=pin_memory(cfg, acc),
-            shuffle=cfg.data.shuffle, buffer_size=cfg.data.shuffle_buffer_size, prefetch_factor=cfg.data.prefetch_factor,
-        )
-        stream = getattr(self.train_loader, "stream", None)
-        self.epoch_log = EpochBookkeeping(acc.process_index, stream.plan if stream is not None else None)
-        self._started = time.perf_counter()
-        if acc.is_main_process:  # built, loaded and resumed: this config is now the work dir's
-            workdir.write_text_atomic(self.work_dir / CONFIG_FILE, self._config_text)
-        describe_run(self, model, group_table, notes)
-
-    # ------------------------------------------------------------------ setup
-    def _build_hook(self, cfg: dict, key: str) -> Hook:
-        hook = HOOKS.build({k: v for k, v in cfg.items() if k != "priority"}, key)
-        if hasattr(hook, "check_package"):
-            hook.check_package()
-        return hook
-
-    def register_hook(self, hook: Hook, priority: int | str | None = None) -> None:
-        """Insert by priority (the hook's own by default); equal priorities keep registration order."""
-        self.hooks.register(hook, priority)
-
-    def call_hook(self, point: str) -> None:
-        self.hooks.call(point, self)
-
-    def _register_builtin_hooks(self, optimizer: torch.optim.Optimizer) -> list[Any]:
-        cfg, schedulers = self.cfg, []
+    def _build_hooks(self, logger_hooks: list[Hook]) -> None:
+        """The built-ins (schedules, optimizer step, checkpoints, timer, evaluation, final export,
+        the Hub push), the logger hooks and the users' ``custom_hooks``, by priority."""
+        cfg = self.cfg
+        self.schedulers = []
         for section, builder, hook_cls in (("lr_config", build_lr_scheduler, LrUpdaterHook),
                                            ("momentum_config", build_momentum_scheduler, MomentumUpdaterHook)):
             section_cfg = getattr(cfg, section)
             if section_cfg is not None:
                 by_epoch = bool(section_cfg.get("by_epoch", False))
-                schedulers.append(builder(section_cfg, optimizer, cfg.runner.max_epochs if by_epoch else self.max_iters))
-                self.register_hook(hook_cls(schedulers[-1], by_epoch))
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.register_hook(OptimizerHook(self.accelerator, self.optimizer, params, self.log,
-                                         cfg.optimizer_config.grad_clip, cfg.skip_nonfinite_steps))
+                self.schedulers.append(builder(section_cfg, self._optimizer,
+                                               cfg.runner.max_epochs if by_epoch else self.max_iters))
+                self.register_hook(hook_cls(self.schedulers[-1], by_epoch))
+        self.register_hook(OptimizerHook(self.accelerator, self.optimizer, self._params, self.log,
+                                         cfg.optimizer_config.grad_clip, cfg.skip_nonfinite_steps,
+                                         on_applied=self._optimizer_stepped))
         push = cfg.push_to_hub
         if cfg.checkpoint_config is not None:
             self.register_hook(CheckpointHook(self.checkpointer, cfg.checkpoint_config, cfg.checkpoints_by_epoch,
@@ -219,7 +220,17 @@ class Trainer:
                                            self.run_info))
         if push is not None:  # seg_accel.hub registers it (the engine does not import the Hub code)
             self.register_hook(HOOKS.get("PushToHubHook", "push_to_hub")(push))
-        return schedulers
+        for hook in logger_hooks:
+            hook.attach(self.log)
+            self.register_hook(hook)
+        for i, hook_cfg in enumerate(cfg.custom_hooks):
+            self.register_hook(self._build_hook(hook_cfg, f"custom_hooks.{i}"), hook_cfg.get("priority"))
+
+    def _build_hook(self, cfg: dict, key: str) -> Hook:
+        hook = HOOKS.build({k: v for k, v in cfg.items() if k != "priority"}, key)
+        if hasattr(hook, "check_package"):
+            hook.check_package()
+        return hook
 
     def _resume(self, model: torch.nn.Module) -> None:
         cfg = self.cfg
@@ -232,28 +243,37 @@ class Trainer:
         if path is not None:
             self.checkpointer.resume(path, key, model)
 
+    def _build_train_loader(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        self.train_loader = build_train_loader(
+            self.train_set, cfg.data.samples_per_gpu, cfg.data.workers_per_gpu, acc.process_index,
+            acc.num_processes, cfg.seed, start=self.loop.samples, pin_memory=pin_memory(cfg, acc),
+            shuffle=cfg.data.shuffle, buffer_size=cfg.data.shuffle_buffer_size, prefetch_factor=cfg.data.prefetch_factor,
+        )
+        stream = getattr(self.train_loader, "stream", None)
+        self.epoch_log = EpochBookkeeping(acc.process_index, stream.plan if stream is not None else None)
+
+    def register_hook(self, hook: Hook, priority: int | str | None = None) -> None:
+        """Insert by priority (the hook's own by default); equal priorities keep registration order."""
+        self.hooks.register(hook, priority)
+
+    def call_hook(self, point: str) -> None:
+        self.hooks.call(point, self.runner)
+
     # ------------------------------------------------------------------ state
+    def _optimizer_stepped(self) -> None:
+        self.loop.optimizer_steps += 1
+
+    iter = property(lambda self: self.loop.iter)  # the loop's counters, read-only from outside
+    epoch = property(lambda self: self.loop.epoch)
+    optimizer_steps = property(lambda self: self.loop.optimizer_steps)
+    scheduled = property(lambda self: self.loop.scheduled)
 
     @property
-    def train_seconds(self) -> float:
-        """Wall time spent training, over every resumed run."""
-        return self.seconds_before + time.perf_counter() - self._started
-
-    def run_info(self) -> dict[str, Any]:
-        """How the run was made (for ``run_info.json`` and the model card)."""
-        acc = self.accelerator
-        return {**workdir.library_versions(), "num_processes": acc.num_processes,
-                "distributed_type": acc.distributed_type.value, "device": acc.device.type,
-                "device_name": workdir.device_name(acc.device), "mixed_precision": acc.mixed_precision,
-                "iterations": self.iter, "epochs": self.epochs_done(), "optimizer_steps": self.optimizer_steps,
-                "samples": self.samples * acc.num_processes, "train_seconds": round(self.train_seconds, 1)}
-
-    def epochs_done(self) -> float:
-        """Passes over the training data: the epoch counter of an epoch-based run, else the samples
-        every process took (each takes the same number) over the dataset's size."""
-        if self.by_epoch:
-            return self.epoch
-        return round(self.samples * self.accelerator.num_processes / max(len(self.train_set), 1), 3)
+    def run_info(self) -> Callable[[], dict[str, Any]]:
+        """How the run was made (for ``run_info.json`` and the model card), as a call that holds
+        the loop's counters, not the trainer."""
+        return functools.partial(run_info, self.loop, self.accelerator, self.by_epoch, len(self.train_set))
 
     def train_mode(self) -> None:
         """``model.train()``, with BatchNorm kept in eval mode under ``model.norm_eval``."""
@@ -267,7 +287,7 @@ class Trainer:
         batch = next(data_iter)
         waited = time.perf_counter() - start
         self.epoch_log.update(batch)
-        self.samples += len(batch["indices"])
+        self.loop.samples += len(batch["indices"])
         device = self.accelerator.device
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
         if self.cfg.channels_last:
@@ -283,25 +303,14 @@ class Trainer:
             total, logs = total + loss, {**logs, **head_logs}
         return total, logs
 
-    def _scheduled_values(self) -> dict[str, float]:
-        """The lr (first group, and each group by name when there are several) and momentum this step uses."""
-        groups = self.optimizer.param_groups
-        values: dict[str, float] = {}
-        if "lr" in groups[0]:
-            values["lr"] = groups[0]["lr"]
-            if len(groups) > 1:
-                values.update({f"lr.{name}": g["lr"] for name, g in zip(self.group_names, groups)})
-        if self.cfg.momentum_config is not None:
-            values["momentum"] = groups[0]["betas"][0] if "betas" in groups[0] else groups[0]["momentum"]
-        return values
-
     def train_iter(self, data_iter: Any) -> None:
         """One iteration: the schedules set this step's lr and momentum (``before_train_iter``),
         ``gradient_accumulation_steps`` micro-batches go forward and backward, then
         ``after_train_iter`` steps the optimizer (40), saves (50), evaluates (70) and logs (90)."""
         acc, accum = self.accelerator, self.cfg.gradient_accumulation_steps
         self.call_hook("before_train_iter")
-        self.scheduled = self.log.scheduled = self._scheduled_values()
+        self.loop.scheduled = self.log.scheduled = scheduled_values(self.optimizer.param_groups, self.group_names,
+                                                                    self.cfg.momentum_config is not None)
         if not self.model.training:
             self.train_mode()
         logs: dict[str, Any] = {}
@@ -314,9 +323,9 @@ class Trainer:
                 acc.backward(loss)
             for key, value in {"loss": loss.detach(), **head_logs}.items():
                 logs[key] = logs.get(key, 0.0) + value / accum
-        self.outputs = logs
+        self.loop.outputs = logs
         self.log.put_all({**logs, "data_time": data_time})
-        self.iter += 1
+        self.loop.iter += 1
         self.call_hook("after_train_iter")
 
     def train(self) -> dict[str, Any] | None:
@@ -326,7 +335,7 @@ class Trainer:
         data_iter = iter(self.train_loader)
         val_iter = itertools.chain.from_iterable(itertools.repeat(self.val_loader)) \
             if any(m == "val" for m, _ in self.cfg.workflow) else None
-        self._started = time.perf_counter()
+        self.loop.started = time.perf_counter()
         self.log.start(self.iter)
         if self.trackers:
             init_kwargs = {k: v for h in self.hooks if isinstance(h, LoggerHook) for k, v in h.tracker_kwargs().items()}
@@ -334,7 +343,8 @@ class Trainer:
         self.call_hook("before_run")
         with tqdm(total=self.max_iters, initial=self.iter, desc="train", disable=not acc.is_main_process,
                   dynamic_ncols=True, mininterval=1.0) as bar:
-            for mode, count in self._phases():
+            for mode, count in workflow_phases(self.cfg.workflow, self.steps_per_epoch if self.by_epoch else 1,
+                                               self.loop.iter):
                 if mode == "train" and self.iter >= self.max_iters:
                     break  # as mmcv: a val phase after the last train phase still runs
                 if mode == "val":
@@ -348,7 +358,7 @@ class Trainer:
                     bar.update(1)
                     if self.by_epoch and self.iter % self.steps_per_epoch == 0:
                         self.call_hook("after_train_epoch")
-                        self.epoch += 1
+                        self.loop.epoch += 1
                         if remaining and self.iter < self.max_iters:
                             self.call_hook("before_train_epoch")
                 if not self.by_epoch:
@@ -375,21 +385,3 @@ class Trainer:
         self.log.emit({"mode": "val", "epoch": self.epoch + 1, "iter": self.iter, **averages})
         self.call_hook("after_val_epoch")
         self.train_mode()
-
-    def _phases(self) -> Any:
-        """The workflow as (mode, count) phases from the current position onwards (a resumed run
-        picks up inside its cycle)."""
-        workflow = [tuple(p) for p in self.cfg.workflow]
-        unit = self.steps_per_epoch if self.by_epoch else 1
-        per_cycle = sum(n for mode, n in workflow if mode == "train") * unit
-        done = self.iter % per_cycle
-        for mode, count in itertools.cycle(workflow):
-            if mode == "train":
-                span = count * unit
-                if done >= span:
-                    done -= span
-                    continue
-                yield mode, span - done
-                done = 0
-            elif done == 0:
-                yield mode, count

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from seg_accel import __version__
+from seg_accel.version import __version__
 
 # model-index metric types for our summary metrics (names as in MMSegmentation's logs)
 METRIC_TYPES = {"mIoU": "mean_iou", "mAcc": "mean_accuracy", "aAcc": "overall_accuracy",

@@ -7,15 +7,15 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from seg_accel.engine.checkpoint import EXPORT_SUBDIR
+from seg_accel.runtime.checkpoints import EXPORT_SUBDIR
 from seg_accel.engine.hooks import Hook
-from seg_accel.engine.workdir import EVAL_RESULTS, STAGING
+from seg_accel.runtime.workdir import EVAL_RESULTS, STAGING
 from seg_accel.hub.push import HubPusher, stage_push
 from seg_accel.registry import HOOKS
 
 if TYPE_CHECKING:
     from seg_accel.config.schema import PushToHubConfig
-    from seg_accel.engine.trainer import Trainer
+    from seg_accel.engine.runner import Runner
 
 logger = logging.getLogger("seg_accel")
 
@@ -39,7 +39,7 @@ class PushToHubHook(Hook):
         self.latest_best: tuple[str, float, str] | None = None  # (checkpoint name, score, metric) saved last
         self.best_dir: str | None = None  # the best checkpoint pushed last
         self.best_evaluation: dict | None = None
-        self.runner: Trainer | None = None
+        self.runner: Runner | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_dir": self.best_dir, "best_evaluation": self.best_evaluation,
@@ -115,7 +115,7 @@ class PushToHubHook(Hook):
         self.pusher = None
 
     # -- hook points ----------------------------------------------------------------------
-    def before_run(self, runner: Trainer) -> None:
+    def before_run(self, runner: Runner) -> None:
         if not runner.accelerator.is_main_process:
             return
         self.runner = runner
@@ -126,13 +126,13 @@ class PushToHubHook(Hook):
                                 self.cfg.retry_wait, self.cfg.max_waiting)
         logger.info("hub: strategy %s, pushing to %s in the background", self.cfg.strategy, self.cfg.repo_id)
 
-    def after_train_iter(self, runner: Trainer) -> None:
+    def after_train_iter(self, runner: Runner) -> None:
         if self.pusher is not None:
             self._stage_pending()
 
-    def after_train_epoch(self, runner: Trainer) -> None:
+    def after_train_epoch(self, runner: Runner) -> None:
         if self.pusher is not None:
             self._stage_pending()
 
-    def after_run(self, runner: Trainer) -> None:
+    def after_run(self, runner: Runner) -> None:
         self._close()  # when no final export was written (it closes the pusher itself)

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from seg_accel.engine.workdir import CONFIG_FILE, EVAL_RESULTS, FINAL_DIR, RUN_INFO
+from seg_accel.runtime.workdir import CONFIG_FILE, EVAL_RESULTS, FINAL_DIR, RUN_INFO
 from seg_accel.errors import ConfigError
 
 logger = logging.getLogger("seg_accel")
@@ -36,7 +36,7 @@ def _work_dir_near(path: Path) -> Path | None:
 
 def resolve_source(path: Path, config: Path | None, scratch: Path) -> Source:
     """What to push from ``path`` (see the module docstring); ``scratch`` holds a fresh export."""
-    from seg_accel.engine.checkpoint import META
+    from seg_accel.runtime.checkpoints import META
 
     if not path.exists():
         raise ConfigError(f"no such file or folder: {path}", key="WORK_DIR_OR_CHECKPOINT")
@@ -68,8 +68,8 @@ def resolve_source(path: Path, config: Path | None, scratch: Path) -> Source:
 
 def _export_checkpoint(checkpoint: Path, config: Path, out: Path) -> None:
     from seg_accel.config import load_config
-    from seg_accel.engine.checkpoint import load_weights
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.models import load_weights
+    from seg_accel.validate import validate_train_config
     from seg_accel.models import build_model, export_model
     from seg_accel.models.processor import build_image_processor
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from seg_accel.engine.workdir import CONFIG_FILE, EVAL_RESULTS, RUN_INFO
+from seg_accel.runtime.workdir import CONFIG_FILE, EVAL_RESULTS, RUN_INFO
 from seg_accel.hub.card import build_model_card
 
 logger = logging.getLogger("seg_accel")

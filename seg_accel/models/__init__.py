@@ -1,14 +1,23 @@
-"""Models: the interface every trainable network meets, and the families that build, export and load them."""
+"""Models: the interface every trainable network meets, and the families that build, export and load them.
+
+Importing this package registers seg-accel's own families (transformers, then any module)."""
+from seg_accel.models import hf, modules  # noqa: F401  (register the transformers and module families)
 from seg_accel.models.builder import (
     build_empty_model,
     build_model,
     export_model,
-    family_of_model,
-    load_model,
-    model_family,
+    keep_norms_fp32_if_cpu_bf16,
     needs_unused_parameter_search,
 )
+from seg_accel.models.families import (
+    family_of_export,
+    family_of_model,
+    list_families,
+    model_family,
+    register_family,
+)
 from seg_accel.models.interface import ModelFamily, SegOutput, as_seg_output, segmentation_logits
+from seg_accel.models.loading import load_model, load_weights, pick_weights, resolve_export
 
 __all__ = [
     "ModelFamily",
@@ -17,9 +26,16 @@ __all__ = [
     "build_empty_model",
     "build_model",
     "export_model",
+    "family_of_export",
     "family_of_model",
+    "keep_norms_fp32_if_cpu_bf16",
+    "list_families",
     "load_model",
+    "load_weights",
     "model_family",
     "needs_unused_parameter_search",
+    "pick_weights",
+    "register_family",
+    "resolve_export",
     "segmentation_logits",
 ]

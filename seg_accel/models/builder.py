@@ -1,12 +1,12 @@
-"""Build, check, export and load models through their family (``seg_accel.models.interface``).
+"""Build, check and export models through their family (``seg_accel.models.families``), and the
+model-wide settings training applies (backbone weights, BatchNorm modes, bf16 norms).
 
-``model.type`` names a transformers ``*ForSemanticSegmentation`` class, a model registered
-in ``MODELS`` (any ``nn.Module`` taking ``num_classes``) or a dotted import path; the
-family it belongs to does the rest.
+``model.type`` names an entry of ``MODELS`` (a transformers ``*ForSemanticSegmentation``
+class, a registered ``nn.Module`` taking ``num_classes``) or a dotted import path; the
+family that takes it does the rest. Loading is ``seg_accel.models.loading``.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -17,11 +17,9 @@ import torch
 from torch import nn
 
 from seg_accel.errors import ConfigError
-from seg_accel.models.hf import TransformersFamily, is_transformers_class
-from seg_accel.models.interface import EXPORT_CONFIG, ModelFamily, segmentation_logits  # noqa: F401 (re-export)
-from seg_accel.models.modules import EXPORT_KEY, ModuleFamily, load_module_export
+from seg_accel.models.families import EXPORT_FAMILY_KEY, attach_family, family_of_model, model_family
+from seg_accel.models.interface import EXPORT_CONFIG, ModelFamily
 from seg_accel.optim.param_groups import NORM_TYPES
-from seg_accel.registry import MODELS
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -34,35 +32,13 @@ logger = logging.getLogger("seg_accel")
 BINARY_HEAD_LOSSES = ("CrossEntropyLoss", "DiceLoss", "FocalLoss", "LovaszLoss")
 
 
-def model_family(model_type: str, key: str = "model.type") -> ModelFamily:
-    """The family of ``model.type``: the entry's own ``seg_accel_family`` (a family object a
-    package registers), transformers, or a plain module."""
-    obj = MODELS.get(model_type, key)
-    family = getattr(obj, "seg_accel_family", None)
-    if isinstance(family, ModelFamily):
-        return family
-    if is_transformers_class(obj):
-        return TransformersFamily(obj)
-    if inspect.isclass(obj) and issubclass(obj, nn.Module) or inspect.isfunction(obj):
-        return ModuleFamily(obj, model_type)
-    raise ConfigError(f"'{model_type}' is {type(obj).__name__}, not a segmentation model: register a torch.nn.Module "
-                      "class (or a function returning one) taking num_classes", key=key)
-
-
-def family_of_model(model: nn.Module) -> ModelFamily:
-    """The family of a built model (for code that gets only the module)."""
-    family = getattr(model, "seg_accel_family", None)
-    if isinstance(family, ModelFamily):
-        return family
-    if getattr(model, "seg_accel_spec", None) is not None:
-        return ModuleFamily(type(model), model.seg_accel_spec["type"])
-    return TransformersFamily(type(model))
-
-
 def check_model_config(model_cfg: ModelConfig, key: str = "model", classes: list[str] | None = None) -> None:
     """Validation-time checks of the model section (no weights are touched); with ``classes``
     also against the data."""
-    model_family(model_cfg.type, f"{key}.type").check(model_cfg, list(classes or []), key)
+    family = model_family(model_cfg.type, f"{key}.type")
+    if model_cfg.auxiliary_head is not None and family.has_auxiliary_head(model_cfg) is False:
+        raise ConfigError(f"{model_cfg.type} has no auxiliary head; remove auxiliary_head", key=f"{key}.auxiliary_head")
+    family.check(model_cfg, list(classes or []), key)
 
 
 def check_model_against_data(model_cfg: ModelConfig, classes: list[str], key: str = "model") -> None:
@@ -98,7 +74,7 @@ def build_model(model_cfg: ModelConfig, classes: list[str], key: str = "model") 
     """Instantiate the model with its outputs from the data's class names (then, with
     ``backbone_pretrained``, load the backbone's weights)."""
     family = model_family(model_cfg.type, f"{key}.type")
-    model = family.build(model_cfg, list(classes), key)
+    model = attach_family(family.build(model_cfg, list(classes), key), family)
     if model_cfg.backbone_pretrained is not None:
         load_backbone_weights(model, model_cfg.backbone_pretrained, f"{key}.backbone_pretrained", family)
     return model
@@ -110,7 +86,8 @@ def build_empty_model(model_cfg: ModelConfig, classes: list[str], key: str = "mo
     config cannot be read locally (a Hub id while offline)."""
     family = model_family(model_cfg.type, f"{key}.type")
     try:
-        return family.build_empty(model_cfg, list(classes), key)
+        model = family.build_empty(model_cfg, list(classes), key)
+        return attach_family(model, family) if model is not None else None
     except ConfigError:
         raise
     except Exception as exc:  # any failure here is a config mistake; say which model and why
@@ -141,41 +118,34 @@ def load_backbone_weights(model: nn.Module, source: str, key: str = "model.backb
     a source that matches nothing is a config error."""
     family = family or family_of_model(model)
     name, target = backbone_module(model, key, family)
-    loader = getattr(family, "load_backbone_source", None)
-    if loader is None:
-        raise ConfigError(f"backbone_pretrained is not supported for {type(model).__name__} ({family.name} family)",
-                          key=key)
     try:
-        source_model, missing = loader(name, target, source)
+        found = family.backbone_weights(name, target, source)
+        if found is None:
+            raise ConfigError(f"backbone_pretrained is not supported for {type(model).__name__} ({family.name} "
+                              "family)", key=key)
+        source_name, candidates = found
+        dst = target.state_dict()
+
+        def matching(names: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in names.items() if k in dst and tuple(v.shape) == tuple(dst[k].shape)}
+
+        src: dict[str, Any] = {}
+        loaded: dict[str, Any] = {}
+        for candidate in candidates:  # the family's readings of the source, best first
+            matched = matching(candidate)
+            if not src or len(matched) > len(loaded):
+                src, loaded = candidate, matched
+            if len(loaded) == len(src):
+                break
     except (OSError, ValueError, TypeError) as exc:
         where = "local folder" if os.path.isdir(source) else "Hub id (or a local path that does not exist)"
         raise ConfigError(f"cannot load backbone weights '{source}' ({where}): {type(exc).__name__}: {exc}",
                           key=key) from exc
-    dst = target.state_dict()
-
-    def checkpointed(names: dict[str, Any]) -> dict[str, Any]:  # not only initialised
-        return {k: v for k, v in names.items() if k not in missing}
-
-    def matching(names: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in names.items() if k in dst and tuple(v.shape) == tuple(dst[k].shape)}
-
-    src = checkpointed(source_model.state_dict())
-    loaded = matching(src)
-    if len(loaded) < len(src) and hasattr(source_model, "save_pretrained"):
-        # transformers 5 renamed some modules (ViT: layers.N.attention.q_proj) but not others
-        # (DPT's ViT encoder keeps encoder.layer.N.attention.attention.query) and writes
-        # checkpoints under the old names: try those (one save to a temporary folder)
-        from seg_accel.models.hf import saved_names
-
-        saved = checkpointed(saved_names(source_model))
-        saved_loaded = matching(saved)
-        if len(saved_loaded) > len(loaded):
-            src, loaded = saved, saved_loaded
     mismatched = [f"{k} {tuple(src[k].shape)} vs {tuple(dst[k].shape)}" for k in src
                   if k in dst and k not in loaded]
     if not loaded:
         raise ConfigError(
-            f"no tensor of '{source}' ({type(source_model).__name__}) matches model.{name} "
+            f"no tensor of '{source}' ({source_name}) matches model.{name} "
             f"({type(target).__name__}) in name and shape: is it a backbone of this architecture?", key=key)
     target.load_state_dict(loaded, strict=False)
     kept = [k for k in dst if k not in loaded]
@@ -194,36 +164,14 @@ def export_model(model: nn.Module, folder: Path, classes: list[str], processor: 
                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """The model's export folder (its family's format) with the image processor beside it."""
     folder = Path(folder)
-    family_of_model(model).export(model, folder, list(classes), state_dict=state_dict)
+    family = family_of_model(model)
+    family.export(model, folder, list(classes), state_dict=state_dict)
+    config_file = folder / EXPORT_CONFIG
+    config = json.loads(config_file.read_text())
+    config[EXPORT_FAMILY_KEY] = family.name  # which family loads it again
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
     if processor is not None:
         processor.save_pretrained(folder)
-
-
-def resolve_export(source: str | os.PathLike) -> Path:
-    """A local export folder, or a Hub repo id downloaded (``HF_HUB_OFFLINE``: the local cache only)."""
-    path = Path(source)
-    if path.is_dir():
-        if not (path / EXPORT_CONFIG).is_file():
-            raise FileNotFoundError(f"{path} has no {EXPORT_CONFIG}: not a model export")
-        return path
-    text = str(source)
-    if path.exists() or text.startswith((".", "/")) or text.count("/") != 1:
-        raise FileNotFoundError(f"{source} is neither an export folder nor a Hub repo id (user/name)")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(text))
-
-
-def load_model(source: str | os.PathLike) -> nn.Module:
-    """Load any seg-accel export (a ``final/`` folder, a checkpoint's ``pretrained/``, or a Hub
-    repo it was pushed to): a transformers model, or a registered module rebuilt from its class."""
-    folder = resolve_export(source)
-    config = json.loads((folder / EXPORT_CONFIG).read_text())
-    if EXPORT_KEY in config:
-        return load_module_export(folder, config)
-    from seg_accel.models.hf import load_export
-
-    return load_export(folder)
 
 
 # --------------------------------------------------------------------------- BatchNorm

@@ -11,7 +11,8 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,8 @@ from torch import nn
 
 from seg_accel.config.types import join_key, parse_value, type_hints
 from seg_accel.errors import ConfigError, did_you_mean
-from seg_accel.models.interface import ModelFamily, SegOutput, as_seg_output, label_maps
+from seg_accel.models.families import register_family
+from seg_accel.models.interface import LayerIds, ModelFamily, SegOutput, as_seg_output, label_maps
 
 if TYPE_CHECKING:
     from seg_accel.config.schema import ModelConfig
@@ -130,6 +132,7 @@ class AuxiliaryCapture:
         return output
 
 
+@register_family(order=50)
 class TransformersFamily(ModelFamily):
     """transformers ``*ForSemanticSegmentation`` models, called without labels (all losses are
     seg-accel's); the auxiliary head's output is captured from ``model.auxiliary_head``."""
@@ -138,6 +141,20 @@ class TransformersFamily(ModelFamily):
 
     def __init__(self, model_cls: Any):
         self.model_cls = model_cls
+
+    @classmethod
+    def from_entry(cls, entry: Any, type_name: str) -> TransformersFamily | None:
+        return cls(entry) if is_transformers_class(entry) else None
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> TransformersFamily | None:
+        from transformers import PreTrainedModel
+
+        return cls(type(model)) if isinstance(model, PreTrainedModel) else None
+
+    @classmethod
+    def from_export(cls, config: dict[str, Any]) -> TransformersFamily | None:
+        return cls(auto_class()) if "model_type" in config else None
 
     # -- config ---------------------------------------------------------------------------
     def _kwargs(self, model_cfg: ModelConfig, classes: list[str], key: str) -> tuple[Any, dict]:
@@ -199,11 +216,7 @@ class TransformersFamily(ModelFamily):
                 )
         if config_cls is None:  # a pretrained Auto model: known once loaded
             return
-        has_aux = "use_auxiliary_head" in allowed_config_keys(config_cls)[0]
         switch = model_cfg.config.get("use_auxiliary_head")
-        if model_cfg.auxiliary_head is not None and not has_aux:
-            raise ConfigError(f"{self.model_cls.__name__} has no auxiliary head; remove auxiliary_head",
-                              key=f"{key}.auxiliary_head")
         if switch is True and model_cfg.auxiliary_head is None:
             raise ConfigError("the auxiliary head would get no loss: configure model.auxiliary_head (its losses) "
                               "or remove use_auxiliary_head", key=f"{key}.config.use_auxiliary_head")
@@ -250,7 +263,10 @@ class TransformersFamily(ModelFamily):
             ) from exc
 
     def has_auxiliary_head(self, model_cfg: ModelConfig) -> bool | None:
-        return model_cfg.auxiliary_head is not None
+        config_cls = config_class(self.model_cls, model_cfg.config, "model")
+        if config_cls is None:  # a pretrained Auto model: known once loaded
+            return None
+        return "use_auxiliary_head" in allowed_config_keys(config_cls)[0]
 
     # -- training -------------------------------------------------------------------------
     def forward_fn(self, model: nn.Module, auxiliary: bool) -> Callable[[nn.Module, torch.Tensor], SegOutput]:
@@ -279,8 +295,12 @@ class TransformersFamily(ModelFamily):
         base = getattr(model, prefix, None) if prefix else None
         return (prefix, base) if isinstance(base, nn.Module) else None
 
-    def load_backbone_source(self, target_name: str, target: nn.Module, source: str) -> tuple[nn.Module, set[str]]:
-        """The source model and the names it did not find in its checkpoint (only initialised)."""
+    def backbone_weights(self, target_name: str, target: nn.Module,
+                         source: str) -> tuple[str, Iterator[dict[str, torch.Tensor]]]:
+        """The source model's tensors (those its checkpoint holds), then the same under the names
+        ``save_pretrained`` writes: transformers 5 renamed some modules (ViT: layers.N.attention.
+        q_proj) but not others (DPT's ViT encoder keeps encoder.layer.N.attention.attention.query)
+        and writes checkpoints under the old names (one save to a temporary folder)."""
         from transformers import AutoModel
 
         if target_name == "backbone" and hasattr(target, "out_features"):
@@ -289,16 +309,60 @@ class TransformersFamily(ModelFamily):
                                                        output_loading_info=True)
         else:  # its pooler, if any, matches nothing: unused
             model, info = AutoModel.from_pretrained(source, output_loading_info=True)
-        return model, set(info.get("missing_keys", ()))
+        missing = set(info.get("missing_keys", ()))
+
+        def readings() -> Iterator[dict[str, torch.Tensor]]:
+            yield {k: v for k, v in model.state_dict().items() if k not in missing}
+            yield {k: v for k, v in saved_names(model).items() if k not in missing}
+
+        return type(model).__name__, readings()
+
+    def layer_ids(self, model: nn.Module, num_layers: int, decay_type: str) -> LayerIds | None:
+        kind = backbone_kind(model)
+        if kind is None:
+            return None
+        if decay_type == "stage_wise" and kind != "convnext":
+            raise ConfigError("decay_type stage_wise is for ConvNeXt backbones", key="optimizer.paramwise_cfg.decay_type")
+        return lambda name: layer_id(name, kind, num_layers, decay_type)
+
+    def output_channels(self, model: nn.Module) -> int | None:
+        config = getattr(model, "config", None)
+        return int(config.num_labels) if hasattr(config, "num_labels") else None
 
     # -- export ---------------------------------------------------------------------------
     def export(self, model: nn.Module, folder: Path, classes: list[str],
                state_dict: dict[str, torch.Tensor] | None = None) -> None:
         model.save_pretrained(folder, state_dict=state_dict)
 
-    def usage(self, repo_or_folder: str) -> list[str]:
-        return ["from transformers import AutoModelForSemanticSegmentation", "",
-                f'model = AutoModelForSemanticSegmentation.from_pretrained("{repo_or_folder}").eval()']
+    def load_export(self, folder: Path, config: dict[str, Any]) -> nn.Module:
+        return auto_class().from_pretrained(folder)
+
+    def export_state_dict(self, folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Loaded through transformers, which maps the checkpoint's key names to the model's."""
+        return self.load_export(folder, config).state_dict()
+
+    def describe_export(self, config: dict[str, Any]) -> dict[str, str]:
+        return {"architecture": str((config.get("architectures") or ["?"])[0]), "library": "transformers",
+                "tag": str(config.get("model_type", "model"))}
+
+    def usage(self, repo_or_folder: str, config: dict[str, Any]) -> list[str]:
+        repo = repo_or_folder
+        return ["```python",
+                "from transformers import pipeline", "",
+                f'segmenter = pipeline("image-segmentation", model="{repo}")',
+                'masks = segmenter("image.jpg")  # one {"label", "mask"} per class present', "```", "",
+                "or, for the logits:", "", "```python",
+                "import torch",
+                "from PIL import Image",
+                "from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation", "",
+                f'processor = AutoImageProcessor.from_pretrained("{repo}")',
+                f'model = AutoModelForSemanticSegmentation.from_pretrained("{repo}").eval()',
+                'image = Image.open("image.jpg").convert("RGB")',
+                "with torch.no_grad():",
+                '    logits = model(**processor(image, return_tensors="pt")).logits',
+                "logits = torch.nn.functional.interpolate(logits, size=image.size[::-1], mode=\"bilinear\")",
+                "labels = logits.argmax(1)[0]  # (height, width) class indices; model.config.id2label names them",
+                "```", ""]
 
 
 def saved_names(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -318,5 +382,47 @@ def saved_names(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k[len(prefix) + 1:] if prefix and k.startswith(prefix + ".") else k: v for k, v in tensors.items()}
 
 
-def load_export(folder: Path) -> nn.Module:
-    return auto_class().from_pretrained(folder)
+# --------------------------------------------------------------------------- layer-wise lr decay
+_VIT_EMBED = re.compile(r"^[^.]+\.embeddings\.")
+_VIT_BLOCK = re.compile(r"^[^.]+\.(?:layers|encoder\.layer)\.(\d+)\.")
+_CONVNEXT_STEM = re.compile(r"^backbone\.embeddings\.")
+_CONVNEXT_DOWN = re.compile(r"^backbone\.encoder\.stages\.(\d+)\.downsampling_layer\.")
+_CONVNEXT_BLOCK = re.compile(r"^backbone\.encoder\.stages\.(\d+)\.layers\.(\d+)\.")
+
+
+def backbone_kind(model: nn.Module) -> str | None:
+    """'vit' for BEiT/ViT-style encoders (BEiT, Data2Vec-Vision, DPT), 'convnext' for a
+    ConvNeXt backbone (UperNet), else None."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    backbone = getattr(getattr(config, "backbone_config", None), "model_type", None)
+    if backbone in ("convnext", "convnextv2"):
+        return "convnext"
+    if model_type in ("beit", "data2vec-vision", "dpt") and backbone is None:
+        return "vit"
+    return None
+
+
+def layer_id(name: str, kind: str, num_layers: int, decay_type: str) -> int:
+    """MMSegmentation's layer ids, for transformers parameter names. ``num_layers`` is
+    paramwise_cfg.num_layers; ids run 0 .. num_layers + 1 (heads and necks: the last)."""
+    if kind == "vit":
+        if _VIT_EMBED.match(name):
+            return 0
+        block = _VIT_BLOCK.match(name)
+        return int(block.group(1)) + 1 if block else num_layers + 1
+    if decay_type == "stage_wise":
+        if _CONVNEXT_STEM.match(name) or _CONVNEXT_DOWN.match(name):
+            return 0
+        block = _CONVNEXT_BLOCK.match(name)
+        return int(block.group(1)) + 1 if block else num_layers + 1
+    if _CONVNEXT_STEM.match(name):
+        return 0
+    down = _CONVNEXT_DOWN.match(name)
+    if down:
+        return {0: 0, 1: 2, 2: 3}.get(int(down.group(1)), num_layers)
+    block = _CONVNEXT_BLOCK.match(name)
+    if block:
+        stage, index = int(block.group(1)), int(block.group(2))
+        return {0: 1, 1: 2, 2: 3 + index // 3}.get(stage, num_layers)
+    return num_layers + 1

@@ -13,7 +13,7 @@ and family details (auxiliary outputs, unused parameters under DDP, the backbone
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,11 +65,37 @@ def label_maps(classes: list[str], outputs: int) -> tuple[dict[int, str], dict[s
     return id2label, {name: i for i, name in id2label.items()}
 
 
-class ModelFamily:
-    """How seg-accel builds, runs, exports and reloads one kind of model. Subclasses override
-    what differs; the defaults suit a model that follows the interface by itself."""
+LayerIds = Callable[[str], int]  # a parameter name -> its layer id (layer-wise lr decay)
 
-    name = "model"
+
+class ModelFamily:
+    """How seg-accel builds, runs, exports and reloads one kind of model: the only place that
+    knows that kind. Families are registered in ``seg_accel.models.families`` (by ``name``) and
+    asked, in their registration order, whether they take a ``model.type`` entry
+    (``from_entry``), a built model (``from_model``) or an export folder's ``config.json``
+    (``from_export``). Subclasses override what differs; the defaults suit a model that
+    follows the interface by itself."""
+
+    name = "model"  # recorded in every export's config.json (``seg_accel_family``)
+
+    # -- recognising ----------------------------------------------------------------------
+    @classmethod
+    def from_entry(cls, entry: Any, type_name: str) -> ModelFamily | None:
+        """The family object for ``model.type`` (``entry``: what ``MODELS`` holds under that
+        name), or None when this family does not take it."""
+        return None
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ModelFamily | None:
+        """The family object of a model this family built or loaded, else None (asked only for
+        models that do not carry their family: one loaded by other means)."""
+        return None
+
+    @classmethod
+    def from_export(cls, config: dict[str, Any]) -> ModelFamily | None:
+        """The family object for an export whose ``config.json`` is ``config`` (asked for exports
+        that do not name their family: those written before exports recorded it)."""
+        return None
 
     # -- config ---------------------------------------------------------------------------
     def check(self, model_cfg: ModelConfig, classes: list[str], key: str) -> None:
@@ -87,7 +113,8 @@ class ModelFamily:
             return self.build(model_cfg, classes, key)
 
     def has_auxiliary_head(self, model_cfg: ModelConfig) -> bool | None:
-        """Whether the configured model has an auxiliary head (None: unknown before building)."""
+        """Whether the configured model can have an auxiliary head (None: known only from its
+        forward's output). False makes ``model.auxiliary_head`` a config error."""
         return None
 
     # -- training -------------------------------------------------------------------------
@@ -114,12 +141,50 @@ class ModelFamily:
         backbone = getattr(model, "backbone", None)
         return ("backbone", backbone) if isinstance(backbone, nn.Module) else None
 
+    def backbone_weights(self, target_name: str, target: nn.Module,
+                         source: str) -> tuple[str, Iterator[dict[str, torch.Tensor]]] | None:
+        """``backbone_pretrained``: (a name for ``source``, its weights read in one or more ways,
+        best first, only tensors the source's checkpoint holds), or None when the family cannot
+        read backbone weights."""
+        return None
+
+    def layer_ids(self, model: nn.Module, num_layers: int, decay_type: str) -> LayerIds | None:
+        """MMSegmentation's layer ids of the model's parameters for layer-wise lr decay (ids 0 ..
+        ``num_layers + 1``: embeddings first, heads last), or None when the family cannot number
+        this model's layers."""
+        return None
+
+    def output_channels(self, model: nn.Module) -> int | None:
+        """The number of output channels of a built or loaded model (None: not known)."""
+        return getattr(model, "num_classes", None)
+
     # -- export ---------------------------------------------------------------------------
     def export(self, model: nn.Module, folder: Path, classes: list[str],
                state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the weights and what is needed to rebuild the model into ``folder``."""
+        """Write the weights and a ``config.json`` (``EXPORT_CONFIG``, with ``id2label``) from
+        which ``load_export`` rebuilds the model into ``folder``."""
         raise NotImplementedError
 
-    def usage(self, repo_or_folder: str) -> list[str]:
-        """Python lines that load the export (for model cards and docs)."""
-        return ["import seg_accel", "", f'model = seg_accel.load_model("{repo_or_folder}").eval()']
+    def load_export(self, folder: Path, config: dict[str, Any]) -> nn.Module:
+        """The model of an export folder this family wrote (``config``: its ``config.json``)."""
+        raise NotImplementedError
+
+    def export_state_dict(self, folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The export's weights under the names of the model's ``state_dict`` (``load_from``)."""
+        from safetensors.torch import load_file
+
+        state: dict[str, torch.Tensor] = {}
+        for file in sorted(Path(folder).glob("*.safetensors")):
+            state.update(load_file(str(file)))
+        return state
+
+    def describe_export(self, config: dict[str, Any]) -> dict[str, str]:
+        """For the model card: ``architecture`` (class name), ``library`` (the Hub's
+        ``library_name``) and ``tag``."""
+        architecture = str((config.get("architectures") or [self.name])[0])
+        return {"architecture": architecture, "library": "pytorch", "tag": self.name}
+
+    def usage(self, repo_or_folder: str, config: dict[str, Any]) -> list[str]:
+        """Markdown lines (the model card's "How to use") that load the export."""
+        return ["```python", "import seg_accel", "", f'model = seg_accel.load_model("{repo_or_folder}").eval()',
+                "```", ""]

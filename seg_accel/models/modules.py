@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from seg_accel import __version__
 from seg_accel.errors import ConfigError
+from seg_accel.models.families import register_family
 from seg_accel.models.interface import EXPORT_CONFIG, EXPORT_WEIGHTS, ModelFamily, label_maps
+from seg_accel.version import __version__
 
 if TYPE_CHECKING:
     from seg_accel.config.schema import ModelConfig
@@ -44,13 +45,31 @@ def import_object(path: str) -> Any:
     return obj
 
 
+@register_family(order=100)
 class ModuleFamily(ModelFamily):
-    """A registered ``nn.Module`` class (or a function returning one) taking ``num_classes``."""
+    """A registered ``nn.Module`` class (or a function returning one) taking ``num_classes``:
+    asked last, it takes any module the families before it do not."""
 
     name = "module"
 
     def __init__(self, model_cls: Any, type_name: str):
         self.model_cls, self.type_name = model_cls, type_name
+
+    @classmethod
+    def from_entry(cls, entry: Any, type_name: str) -> ModuleFamily | None:
+        if inspect.isclass(entry) and issubclass(entry, nn.Module) or inspect.isfunction(entry):
+            return cls(entry, type_name)
+        return None
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ModuleFamily | None:
+        spec = getattr(model, "seg_accel_spec", None)
+        return cls(type(model), spec["type"]) if spec is not None else None
+
+    @classmethod
+    def from_export(cls, config: dict[str, Any]) -> ModuleFamily | None:
+        spec = config.get(EXPORT_KEY)
+        return cls(None, spec["type"]) if isinstance(spec, dict) and "type" in spec else None
 
     def check(self, model_cfg: ModelConfig, classes: list[str], key: str) -> None:
         from seg_accel.registry import MODELS
@@ -83,9 +102,6 @@ class ModuleFamily(ModelFamily):
                                 "options": dict(model_cfg.options)}
         return model
 
-    def has_auxiliary_head(self, model_cfg: ModelConfig) -> bool | None:
-        return None  # known from the forward's output only
-
     def export(self, model: nn.Module, folder: Path, classes: list[str],
                state_dict: dict[str, torch.Tensor] | None = None) -> None:
         from safetensors.torch import save_file
@@ -105,9 +121,22 @@ class ModuleFamily(ModelFamily):
                   "label2id": label2id, "seg_accel_version": __version__}
         (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
 
-    def usage(self, repo_or_folder: str) -> list[str]:
-        spec_note = "# the model's class must be importable (its module on the Python path)"
-        return ["import seg_accel", "", spec_note, f'model = seg_accel.load_model("{repo_or_folder}").eval()']
+    def load_export(self, folder: Path, config: dict[str, Any]) -> nn.Module:
+        return load_module_export(folder, config)
+
+    def describe_export(self, config: dict[str, Any]) -> dict[str, str]:
+        kind = str(config[EXPORT_KEY]["type"])
+        return {"architecture": kind, "library": "pytorch", "tag": kind}
+
+    def usage(self, repo_or_folder: str, config: dict[str, Any]) -> list[str]:
+        spec = config[EXPORT_KEY]
+        return [f"A `{spec['type']}` (`{spec['import_path']}`) exported by seg-accel: its weights and a `config.json` "
+                "naming the class and its options. With that class importable (its module on the Python path):", "",
+                "```python", "import torch", "", "import seg_accel", "",
+                f'model = seg_accel.load_model("{repo_or_folder}").eval()',
+                "with torch.no_grad():",
+                "    logits = model(pixel_values)  # (N, 3, H, W), normalised as preprocessor_config.json says",
+                "labels = logits.argmax(1)  # config.json's id2label names the classes", "```", ""]
 
 
 def _output_count(model: nn.Module, classes: list[str]) -> int:

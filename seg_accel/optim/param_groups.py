@@ -221,6 +221,9 @@ def _mult(value: float | None) -> float:
 
 
 # --------------------------------------------------------------------------- layer-wise lr decay
+_NO_DECAY_NAMES = ("cls_token", "mask_token", "position_embeddings", "pos_embed")
+
+
 @dataclasses.dataclass
 class LayerDecayConfig:
     num_layers: int
@@ -232,52 +235,6 @@ class LayerDecayConfig:
             raise ConfigError(f"must be >= 1, got {self.num_layers}", key=join_key(key, "num_layers"))
         if not 0 < self.decay_rate <= 1:
             raise ConfigError(f"must be in (0, 1], got {self.decay_rate}", key=join_key(key, "decay_rate"))
-
-
-_VIT_EMBED = re.compile(r"^[^.]+\.embeddings\.")
-_VIT_BLOCK = re.compile(r"^[^.]+\.(?:layers|encoder\.layer)\.(\d+)\.")
-_CONVNEXT_STEM = re.compile(r"^backbone\.embeddings\.")
-_CONVNEXT_DOWN = re.compile(r"^backbone\.encoder\.stages\.(\d+)\.downsampling_layer\.")
-_CONVNEXT_BLOCK = re.compile(r"^backbone\.encoder\.stages\.(\d+)\.layers\.(\d+)\.")
-_NO_DECAY_NAMES = ("cls_token", "mask_token", "position_embeddings", "pos_embed")
-
-
-def backbone_kind(model: nn.Module) -> str | None:
-    """'vit' for BEiT/ViT-style encoders (BEiT, Data2Vec-Vision, DPT), 'convnext' for a
-    ConvNeXt backbone (UperNet), else None."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    backbone = getattr(getattr(config, "backbone_config", None), "model_type", None)
-    if backbone in ("convnext", "convnextv2"):
-        return "convnext"
-    if model_type in ("beit", "data2vec-vision", "dpt") and backbone is None:
-        return "vit"
-    return None
-
-
-def layer_id(name: str, kind: str, num_layers: int, decay_type: str) -> int:
-    """MMSegmentation's layer ids, for transformers parameter names. ``num_layers`` is
-    paramwise_cfg.num_layers; ids run 0 .. num_layers + 1 (heads and necks: the last)."""
-    if kind == "vit":
-        if _VIT_EMBED.match(name):
-            return 0
-        block = _VIT_BLOCK.match(name)
-        return int(block.group(1)) + 1 if block else num_layers + 1
-    if decay_type == "stage_wise":
-        if _CONVNEXT_STEM.match(name) or _CONVNEXT_DOWN.match(name):
-            return 0
-        block = _CONVNEXT_BLOCK.match(name)
-        return int(block.group(1)) + 1 if block else num_layers + 1
-    if _CONVNEXT_STEM.match(name):
-        return 0
-    down = _CONVNEXT_DOWN.match(name)
-    if down:
-        return {0: 0, 1: 2, 2: 3}.get(int(down.group(1)), num_layers)
-    block = _CONVNEXT_BLOCK.match(name)
-    if block:
-        stage, index = int(block.group(1)), int(block.group(2))
-        return {0: 1, 1: 2, 2: 3 + index // 3}.get(stage, num_layers)
-    return num_layers + 1
 
 
 @OPTIMIZER_CONSTRUCTORS.register()
@@ -311,23 +268,24 @@ class LearningRateDecayOptimizerConstructor(DefaultOptimizerConstructor):
         return rules
 
     def decide(self, model: nn.Module) -> tuple[list[Decision], list[str]]:
-        kind = backbone_kind(model)
-        if kind is None:
-            raise ConfigError(
-                f"{type(self).__name__} supports BEiT/ViT-style (BEiT, Data2Vec-Vision, DPT) and ConvNeXt "
-                f"backbones; {type(model).__name__} has neither",
-                key="optimizer.constructor",
-            )
         rules = self.rules
         total = rules.num_layers + 2
-        if rules.decay_type == "stage_wise" and kind != "convnext":
-            raise ConfigError("decay_type stage_wise is for ConvNeXt backbones", key="optimizer.paramwise_cfg.decay_type")
+        # the model's family numbers its layers (seg_accel.models: every model it builds carries it)
+        family = getattr(model, "seg_accel_family", None)
+        layer_ids = family.layer_ids(model, rules.num_layers, rules.decay_type) if family is not None else None
+        if layer_ids is None:
+            raise ConfigError(
+                f"{type(self).__name__} needs a model whose family numbers its layers (BEiT/ViT-style: BEiT, "
+                f"Data2Vec-Vision, DPT; ConvNeXt backbones); {type(model).__name__} has neither"
+                + (f" ({family.name} family)" if family is not None else ""),
+                key="optimizer.constructor",
+            )
         decisions, frozen = [], []
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 frozen.append(name)
                 continue
-            lid = layer_id(name, kind, rules.num_layers, rules.decay_type)
+            lid = layer_ids(name)
             scale = rules.decay_rate ** (total - lid - 1)
             no_decay = param.ndim == 1 or name.endswith(".bias") or name.split(".")[-1] in _NO_DECAY_NAMES
             wd = None if self.base_wd is None else (0.0 if no_decay else self.base_wd)

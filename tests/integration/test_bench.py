@@ -65,7 +65,7 @@ def test_the_e2e_recipe_is_the_examples():
     assert cfg["optimizer_config"]["grad_clip"] is None
     assert cfg["model"]["decode_head"]["loss_decode"]["avg_non_ignore"] is True
     assert cfg["optimizer"]["lr"] == 1e-3 and cfg["data"]["samples_per_gpu"] == 4
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
 
     validate_train_config(load_config(e2e.CONFIG, [*e2e.EXAMPLE_RECIPE, "data.train.data_root=.",
                                                    "data.val.data_root=."]))  # every component checks out

@@ -75,7 +75,7 @@ def test_a_registered_plain_module_trains_resumes_evaluates_exports_and_publishe
     from huggingface_hub import ModelCard
 
     import seg_accel
-    from seg_accel.engine.checkpoint import latest_checkpoint
+    from seg_accel.runtime.checkpoints import latest_checkpoint
     from seg_accel.models import build_model
 
     (tmp_path / "user_models.py").write_text(USER_MODELS)
@@ -160,7 +160,7 @@ def expected_miou(model: torch.nn.Module, cfg: dict, aug: bool) -> float:
     import dataclasses
 
     from seg_accel.data import build_dataset
-    from seg_accel.engine.inference import DEFAULT_AUG_RATIOS, Inferencer
+    from seg_accel.inference.inferencer import DEFAULT_AUG_RATIOS, Inferencer
     from seg_accel.metrics import confusion_matrix, metrics_from_confusion
 
     test_cfg = seg_accel_model_config(cfg).test_cfg

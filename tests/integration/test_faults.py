@@ -106,7 +106,7 @@ def test_disk_full_during_a_checkpoint(tmp_path, tmpfs):
     assert "Traceback" not in proc.stderr
     lines = error_lines(proc)
     assert len(lines) == 1 and "could not write checkpoint iter_6" in lines[0] and "No space left" in lines[0], lines
-    from seg_accel.engine.manifest import verify
+    from seg_accel.runtime.manifest import verify
 
     assert sorted(p.name for p in disk.iterdir() if p.name != "filler") == ["iter_2", "iter_4"]  # no partial one
     assert verify(disk / "iter_2") is None and verify(disk / "iter_4") is None  # every file by its sha256
@@ -200,7 +200,7 @@ def test_crafted_pickles_never_run(tmp_path):
     assert resumed.returncode == 0 and "auto_resume: skipping iter_4" in resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout and "iter_2" in resumed.stdout
     assert not marker.exists()
-    from seg_accel.engine.manifest import write_manifest
+    from seg_accel.runtime.manifest import write_manifest
 
     for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"):  # the run above saved it anew
         plant(work / "iter_4" / name, marker, tmp_path)

@@ -51,7 +51,7 @@ def export_folder(tmp_path, model_section, size=None):
         cfg["data"]["val"]["pipeline"] = [{"type": "Resize", "scale": [size[1], size[0]], "keep_ratio": False},
                                           *cfg["data"]["val"]["pipeline"]]
     from seg_accel.config import load_config
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
 
     data = validate_train_config(load_config(str(write_yaml(tmp_path / "c.yaml", cfg)))).data
     export_model(model, tmp_path / "export", CLASSES, build_image_processor(data))
@@ -61,7 +61,7 @@ def export_folder(tmp_path, model_section, size=None):
 @pytest.mark.slow  # five exports (~40 s): CI runs it in its slow step
 @pytest.mark.parametrize("family", ["segformer", "upernet_convnext", "dpt", "beit", "module"])
 def test_each_family_exports_with_parity(tmp_path, family, monkeypatch):
-    from seg_accel.engine.onnx_export import export_with_parity
+    from seg_accel.inference.onnx_export import export_with_parity
 
     if family == "module":
         (tmp_path / "onnx_models.py").write_text(ONNX_NET)

@@ -14,7 +14,7 @@ from tests.conftest import REPO, run_script, tiny_config, write_yaml
 
 def make_export(tmp_path):
     from seg_accel.config import load_config
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
     from seg_accel.models import build_model
     from seg_accel.models.builder import export_model
     from seg_accel.models.processor import build_image_processor

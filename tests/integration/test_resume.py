@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seg_accel.engine.checkpoint import latest_checkpoint
+from seg_accel.runtime.checkpoints import latest_checkpoint
 from tests.conftest import (
     NORMALIZE,
     REPO,

@@ -9,7 +9,7 @@ import torch
 
 from seg_accel.data import build_dataset, build_val_loader
 from seg_accel.engine import EVAL_RESULTS, FINAL_DIR
-from seg_accel.engine.evaluation import collect_confusion
+from seg_accel.inference.evaluation import collect_confusion
 from seg_accel.metrics import metrics_from_confusion
 from tests.conftest import (
     REPO,
@@ -110,7 +110,7 @@ def test_schedules_step_once_per_optimizer_step_on_any_processes_and_accumulatio
 def _broadcast_probe():
     from accelerate import Accelerator
 
-    from seg_accel.engine.evaluation import broadcast_norm_buffers
+    from seg_accel.inference.evaluation import broadcast_norm_buffers
 
     acc = Accelerator(cpu=True)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))

@@ -140,7 +140,7 @@ def test_ignored_pixels_change_neither_loss_nor_gradient(cfg):
 
 def test_one_channel_config_checks(tmp_path):
     from seg_accel.config import load_config
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
     from tests.conftest import NORMALIZE, tiny_config, write_yaml
 
     from tests.unit.test_binary_metrics import binary_folder

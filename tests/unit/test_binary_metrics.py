@@ -169,8 +169,8 @@ def test_evaluate_reports_binary_metrics_auc_sweep_and_per_image_rows(tmp_path, 
 
     from seg_accel.cli import evaluate_cli
     from seg_accel.config import load_config
-    from seg_accel.engine.predict import Predictor
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.inference.predict import Predictor
+    from seg_accel.validate import validate_train_config
     from seg_accel.models import build_model
     from seg_accel.models.builder import export_model
     from tests.conftest import NORMALIZE, tiny_config, write_yaml

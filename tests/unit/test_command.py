@@ -261,7 +261,7 @@ def test_channels_last_and_compile_train(tmp_path, fresh_accelerate):
     forward, and the export and checkpoints carry the plain parameter names."""
     from accelerate.utils import is_compiled_module
 
-    from seg_accel.engine.checkpoint import load_weights
+    from seg_accel.models import load_weights
 
     losses = {}
     for name, keys in (("plain", {}), ("channels_last", {"channels_last": True}),

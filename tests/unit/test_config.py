@@ -13,7 +13,7 @@ from seg_accel.config import (
     parse_option_value,
     resolve_work_dir,
 )
-from seg_accel.engine.validate import validate_train_config
+from seg_accel.validate import validate_train_config
 from seg_accel.errors import ConfigError
 from tests.conftest import tiny_config, write_yaml
 

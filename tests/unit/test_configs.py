@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from seg_accel.config import load_config
-from seg_accel.engine.validate import validate_train_config
+from seg_accel.validate import validate_train_config
 from seg_accel.models.builder import build_model
 from tests.conftest import CAMVID, REPO
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from seg_accel.engine.inference import Inferencer, slide_windows
+from seg_accel.inference.inferencer import Inferencer, slide_windows
 from seg_accel.metrics import confusion_matrix, metrics_from_confusion
 from tests.conftest import tiny_config, write_yaml
 

@@ -124,7 +124,7 @@ def tiny_model():
 def test_load_from_weights_that_match_nothing_is_an_error(tmp_path):
     from safetensors.torch import save_file
 
-    from seg_accel.engine.checkpoint import load_weights
+    from seg_accel.models import load_weights
 
     save_file({"backbone.weight": torch.zeros(3, 3)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ConfigError) as info:
@@ -135,7 +135,7 @@ def test_load_from_weights_that_match_nothing_is_an_error(tmp_path):
 def test_load_from_a_safetensors_file_and_another_class_count(tmp_path):
     from safetensors.torch import save_file
 
-    from seg_accel.engine.checkpoint import load_weights
+    from seg_accel.models import load_weights
 
     source = tiny_model()
     state = {k: v.clone() for k, v in source.state_dict().items()}
@@ -156,7 +156,8 @@ def test_load_from_a_safetensors_file_and_another_class_count(tmp_path):
 
 
 def test_only_seg_accels_own_partial_folders_are_cleaned(tmp_path):
-    from seg_accel.engine.checkpoint import PARTIAL, remove_unfinished
+    from seg_accel.engine.checkpoint import remove_unfinished
+    from seg_accel.runtime.checkpoints import PARTIAL
 
     ours = tmp_path / ".iter_10.tmp"
     ours.mkdir()
@@ -169,7 +170,7 @@ def test_only_seg_accels_own_partial_folders_are_cleaned(tmp_path):
 
 
 def test_the_manifest_names_what_is_wrong(tmp_path):
-    from seg_accel.engine.manifest import verify, write_manifest
+    from seg_accel.runtime.manifest import verify, write_manifest
 
     (tmp_path / "model.safetensors").write_bytes(b"x" * 100)
     (tmp_path / "sub").mkdir()

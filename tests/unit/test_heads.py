@@ -11,7 +11,7 @@ from PIL import Image
 
 from seg_accel.config import load_config
 from seg_accel.engine import Trainer
-from seg_accel.engine.validate import validate_train_config
+from seg_accel.validate import validate_train_config
 from seg_accel.losses import CrossEntropyLoss, DiceLoss, resize_logits
 from tests.conftest import CAMVID, REPO, tiny_config, write_yaml
 from tests.unit.test_models import ARCHITECTURES

@@ -83,7 +83,7 @@ def test_model_card_model_index_holds_the_metrics(tmp_path):
 
 
 def test_scrub_token_redacts_text_and_drops_binary_files(tmp_path, capsys):
-    from seg_accel.engine.log import setup_logging
+    from seg_accel.runtime.console import setup_logging
     from seg_accel.hub.push import REDACTED, scrub_token
 
     setup_logging(None, True)
@@ -110,7 +110,7 @@ def test_scrub_token_redacts_text_and_drops_binary_files(tmp_path, capsys):
 ])
 def test_push_to_hub_config_errors(tmp_path, push, extra, key, message):
     from seg_accel.config import load_config
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
     from seg_accel.errors import ConfigError
 
     cfg = push_config(**{k: v for k, v in push.items() if k != "strategy"})

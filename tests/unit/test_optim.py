@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from seg_accel.config import load_config
-from seg_accel.engine.validate import validate_train_config
+from seg_accel.validate import validate_train_config
 from seg_accel.errors import ConfigError
 from seg_accel.optim import (
     build_lr_scheduler,

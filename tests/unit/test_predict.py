@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seg_accel.engine.predict import Predictor, collect_inputs, output_names, pipeline_from_processor
+from seg_accel.inference.predict import Predictor, collect_inputs, output_names, pipeline_from_processor
 from seg_accel.errors import ConfigError
 from seg_accel.metrics.palette import default_palette, overlay_panel, srgb_to_lab
 from tests.conftest import NORMALIZE, tiny_config, write_yaml
@@ -31,7 +31,7 @@ def write_images(folder: Path, count: int, size=(40, 56), seed=0, suffix=".png")
 def export(tmp_path):
     """A tiny SegFormer (random init) exported as training would, with its image processor."""
     from seg_accel.config import load_config
-    from seg_accel.engine.validate import validate_train_config
+    from seg_accel.validate import validate_train_config
     from seg_accel.models import build_model
     from seg_accel.models.builder import export_model
     from seg_accel.models.processor import build_image_processor

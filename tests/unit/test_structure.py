@@ -1,5 +1,6 @@
 """The package's import structure, read from the source with ``ast`` (no import runs): the config
-layer is data only, and the subpackages form layers without cycles."""
+layer is data only, the subpackages form layers, and no module imports itself through others
+(imports inside functions count; those under ``if TYPE_CHECKING:`` do not)."""
 from __future__ import annotations
 
 import ast
@@ -9,8 +10,8 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "seg_accel"
 # lower layers first; a module may import from its own layer's package and from lower layers
-LAYERS = [["errors", "threads"], ["config"], ["registry"], ["data", "losses", "metrics", "optim"], ["models"], ["engine"],
-          ["hub"], ["cli", "train", "evaluate", "predict", "__main__"]]
+LAYERS = [["errors", "threads", "version"], ["config"], ["registry"], ["data", "losses", "metrics", "optim", "runtime"],
+          ["models"], ["validate"], ["inference"], ["engine"], ["hub"], ["cli", "train", "evaluate", "predict", "__main__"]]
 
 
 def unit_of(path: Path) -> str:
@@ -94,9 +95,116 @@ def test_the_loop_is_short_and_the_engine_files_small():
     methods = {n.name: n for n in trainer.body if isinstance(n, ast.FunctionDef)}
     loop = sum(methods[name].end_lineno - methods[name].lineno + 1 for name in ("train", "train_iter"))
     assert loop < 80, loop
-    for path in (PACKAGE / "engine").glob("*.py"):
+    for path in [*(PACKAGE / "engine").glob("*.py"), *(PACKAGE / "inference").glob("*.py")]:
         assert len(path.read_text().splitlines()) < 400, path.name
 
 
 def test_the_readme_is_a_front_door():
     assert len((REPO / "README.md").read_text().splitlines()) < 250
+
+
+# --------------------------------------------------------------------------- module-level cycles
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py") if "configs" not in p.relative_to(PACKAGE).parts}
+
+
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """The nodes under ``if TYPE_CHECKING:`` (imports for annotations only, never run)."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                skipped.update(id(n) for n in ast.walk(child))
+    return skipped
+
+
+def module_imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """The seg_accel modules a file imports at run time, anywhere in it: ``from P import name``
+    counts as an import of ``P.name`` when that is a module, else of ``P``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    skipped, name = _type_checking_only(tree), module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name in known)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                if target in known:
+                    found.add(target)
+                elif base in known:
+                    found.add(base)
+    return found - {name}
+
+
+def import_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in edges.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_itself_through_others_at_run_time():
+    known = modules()
+    edges = {name: module_imports(path, known) for name, path in known.items()}
+    assert "seg_accel.inference.predict" in edges["seg_accel"] and "seg_accel.models" in edges["seg_accel"]
+    assert not import_cycles(edges), import_cycles(edges)
+
+
+def test_the_cycle_checker_finds_cycles_through_function_level_imports_and_skips_type_checking(tmp_path):
+    probe = tmp_path / "seg_accel" / "pkg"
+    probe.mkdir(parents=True)
+    (probe / "__init__.py").write_text("")
+    (probe / "a.py").write_text("def f():\n    from seg_accel.pkg import b\n")
+    (probe / "b.py").write_text("from seg_accel.pkg.a import f\n")
+    (probe / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from seg_accel.pkg import a\n")
+    known = {f"seg_accel.pkg.{n}": probe / f"{n}.py" for n in "abc"}
+    global REPO
+    saved, REPO = REPO, tmp_path
+    try:
+        edges = {name: module_imports(path, known) for name, path in known.items()}
+    finally:
+        REPO = saved
+    assert edges == {"seg_accel.pkg.a": {"seg_accel.pkg.b"}, "seg_accel.pkg.b": {"seg_accel.pkg.a"},
+                     "seg_accel.pkg.c": set()}
+    assert import_cycles(edges) == [["seg_accel.pkg.a", "seg_accel.pkg.b"]]

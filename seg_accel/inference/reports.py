@@ -1,66 +1,16 @@
-"""The evaluate command: score a checkpoint on ``data.test`` (else ``data.val``).
-
-Each process takes its shard of the dataset (no padding, so no sample is counted twice),
-accumulates a confusion matrix on its device and the matrices are summed once; every
-metric comes from the sum (docs/behaviour.md section 8), identical for any number of processes.
-"""
+"""What an evaluation writes beside its numbers: the results JSON with its metadata, the
+confusion-matrix and per-class charts, ROC/PR curves, per-image rows and overlay panels."""
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from seg_accel.config.loader import Config
-from seg_accel.config.schema import TrainConfig
-from seg_accel.engine.log import setup_logging
 from seg_accel.errors import ConfigError
 from seg_accel.metrics.palette import default_palette, overlay_panel
-
-logger = logging.getLogger("seg_accel")
-
-
-def load_model(cfg: TrainConfig, checkpoint: str) -> Any:
-    """A training checkpoint folder (the architecture from the config), an export folder or a
-    Hub id it was pushed to."""
-    import os
-
-    from seg_accel.engine.checkpoint import META, load_weights
-    from seg_accel.models import build_model
-    from seg_accel.models import load_model as load_export
-
-    path = Path(checkpoint)
-    if (path / META).is_file():
-        model = build_model(cfg.model, list(cfg.classes))
-        load_weights(model, path, key="CHECKPOINT", strict=True)
-        return model
-    try:
-        model = load_export(checkpoint)
-    except (OSError, ImportError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        if path.exists() or checkpoint.startswith((".", "/")) or checkpoint.count("/") > 1:
-            raise ConfigError(f"not a checkpoint or save_pretrained folder (an export): {checkpoint}",
-                              key="CHECKPOINT") from exc
-        raise ConfigError(f"cannot load '{checkpoint}'{' (HF_HUB_OFFLINE is set)' if offline else ''}: {exc}",
-                          key="CHECKPOINT") from exc
-    outputs = cfg.model.decode_head.out_channels or len(cfg.classes)
-    found = _output_channels(model)
-    if found is not None and found != outputs:
-        raise ConfigError(f"the model has {found} output classes but the data defines "
-                          f"{len(cfg.classes)} ({', '.join(cfg.classes)})", key="CHECKPOINT")
-    return model
-
-
-def _output_channels(model: Any) -> int | None:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "num_labels"):
-        return int(config.num_labels)
-    return getattr(model, "num_classes", None)
 
 
 class Overlays:
@@ -186,7 +136,7 @@ def save_results(out: Path, payload: dict[str, Any]) -> None:
     import subprocess
     import sys
 
-    from seg_accel.engine.workdir import write_text_atomic
+    from seg_accel.runtime.storage import write_text_atomic
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -201,67 +151,3 @@ def save_results(out: Path, payload: dict[str, Any]) -> None:
             "_evaluate_version": evaluate_version, "_python_version": platform.python_version(),
             "_interpreter_path": sys.executable}
     write_text_atomic(out, json.dumps({**payload, **meta}, indent=2, default=str))
-
-
-def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metrics: list[str], aug_test: bool,
-                        out: Path, show_dir: Path | None = None, opacity: float = 0.5, sweep: bool = False,
-                        per_image: bool = False) -> dict[str, Any]:
-    """Score ``checkpoint``; print the table; write ``out`` (JSON), its charts and with
-    ``per_image`` ``<out stem>_per_image.csv`` (main process)."""
-    from seg_accel.engine.evaluation import evaluate_model, summary_metrics
-    from seg_accel.engine.setup import build_accelerator, build_eval_loader, build_inferencer, check_split
-
-    acc, _ = build_accelerator(cfg, training=False)
-    setup_logging(None, acc.is_main_process)
-    split = check_split(cfg)
-    from seg_accel import threads
-
-    threads.apply(threads.decide(cfg.torch_threads, cfg.data.loader(split)[1]))
-    dataset, loader = build_eval_loader(cfg, split, acc)
-    model = load_model(cfg, checkpoint).to(acc.device).eval()
-    from seg_accel.models.builder import keep_norms_fp32_if_cpu_bf16
-
-    if (note := keep_norms_fp32_if_cpu_bf16(model, acc)) is not None:  # as training evaluated it
-        logger.info("%s", note)
-    inferencer = build_inferencer(cfg, acc, aug_test)
-    overlays = Overlays(dataset, show_dir, opacity, cfg.ignore_index) if show_dir is not None else None
-    logger.info("evaluating %s on data.%s (%d images, %d process(es)): %s%s", checkpoint, split, len(dataset),
-                acc.num_processes, inferencer.mode,
-                f", scales {inferencer.ratios}{' + flip' if inferencer.flip else ''}" if inferencer.augmented else "")
-    start = time.perf_counter()
-    cm, results = evaluate_model(acc, model, loader, list(cfg.classes), cfg.ignore_index, inferencer, metrics,
-                                 on_batch=overlays, sweep=sweep, per_image=per_image)
-    seconds = time.perf_counter() - start
-    skipped = results.pop("skipped")
-    images = len(dataset) - skipped
-    if acc.is_main_process:
-        summary = summary_metrics(results)
-        logger.info("%s", "  ".join(f"{k}: {v:.2f}" for k, v in summary.items()))
-        extra = {key: results[key] for key in ("threshold_sweep", "curves") if key in results}
-        if "auc_bin_error_bound" in results:
-            extra["auc_bin_error_bound"] = results["auc_bin_error_bound"]
-        payload = {
-            "metrics": summary,
-            **extra,
-            "per_class": {c: dict(zip(cfg.classes, v)) for c, v in results["per_class"].items()},
-            "classes": list(cfg.classes),
-            "confusion_matrix": cm.cpu().tolist(),
-            "checkpoint": str(checkpoint),
-            "split": split,
-            "test_cfg": dataclasses.asdict(inferencer.test_cfg),
-            "timings": {"seconds": seconds, "images": images, "seconds_per_image": seconds / max(images, 1),
-                        "processes": acc.num_processes},
-            "skipped_samples": skipped,
-            "config": json.loads(json.dumps(raw_cfg.dict, default=str)),
-        }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_results(out, payload)
-        plots = save_plots(out, list(cfg.classes), cm, results)
-        if "per_image" in results:
-            plots.append(save_per_image_csv(out.with_name(out.stem + "_per_image.csv"), results["per_image"], dataset))
-        logger.info("wrote %s, %s", out, ", ".join(str(p) for p in plots))
-        if show_dir is not None:
-            logger.info("overlays (prediction | ground truth) in %s", show_dir)
-    acc.wait_for_everyone()
-    acc.end_training()  # the process group destroyed: a clean exit under a launcher
-    return results

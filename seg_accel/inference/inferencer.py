@@ -3,13 +3,17 @@ flip test-time augmentation; scores are returned at the original label resolutio
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from seg_accel.losses.head import BINARY_THRESHOLD, resize_logits
 from seg_accel.models.interface import segmentation_logits
+
+if TYPE_CHECKING:
+    from seg_accel.config.schema import TrainConfig
 
 DEFAULT_AUG_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
 
@@ -92,3 +96,13 @@ class Inferencer:
             values = scores[:, 0] if self.augmented else scores[:, 0].sigmoid()
             return (values > threshold).long()
         return scores.max(1).indices
+
+
+def build_inferencer(cfg: TrainConfig, accelerator: Any, aug_test: bool = False) -> Inferencer:
+    """``model.test_cfg`` (whole / slide, scales, flip); ``aug_test``: MMSegmentation's six ratios
+    and flip unless the config names its own."""
+    test_cfg = cfg.model.test_cfg
+    if aug_test:
+        test_cfg = dataclasses.replace(test_cfg, img_ratios=test_cfg.img_ratios or list(DEFAULT_AUG_RATIOS), flip=True)
+    head = cfg.model.decode_head
+    return Inferencer(test_cfg, head.align_corners, accelerator.autocast, head.threshold)

@@ -140,8 +140,8 @@ def export_with_parity(source: str, out: str | os.PathLike, opset: int = DEFAULT
     folders, globs) or ``samples`` random images. Raises when the argmax agreement is below
     ``MIN_AGREEMENT``."""
     require_onnxruntime()
-    from seg_accel import __version__
-    from seg_accel.engine.predict import Predictor, collect_inputs
+    from seg_accel.version import __version__
+    from seg_accel.inference.predict import Predictor, collect_inputs
 
     predictor = Predictor.from_export(source)
     settings = _processor_size(predictor)

@@ -26,7 +26,7 @@ import torch
 from seg_accel.data.base import image_to_rgb8
 from seg_accel.data.images import IMAGE_SUFFIXES, ImageFiles, collect_inputs, output_names  # noqa: F401 (API)
 from seg_accel.data.transforms import build_pipeline
-from seg_accel.engine.inference import Inferencer
+from seg_accel.inference.inferencer import Inferencer
 from seg_accel.errors import ConfigError
 from seg_accel.metrics.palette import default_palette
 from seg_accel.threads import one_thread
@@ -117,7 +117,7 @@ class Predictor:
         """A training config (its test pipeline, ``model.test_cfg``, classes, palette) and the
         weights: a checkpoint folder, an export folder or a Hub id."""
         from seg_accel.config import load_config
-        from seg_accel.engine.validate import validate_train_config
+        from seg_accel.validate import validate_train_config
 
         raw = load_config(str(config), list(cfg_options))
         cfg = validate_train_config(raw)
@@ -128,10 +128,10 @@ class Predictor:
                           device: str | torch.device | None = None, autocast: Any = None) -> Predictor:
         import dataclasses
 
-        from seg_accel.engine.inference import DEFAULT_AUG_RATIOS
-        from seg_accel.engine.tester import load_model
+        from seg_accel.inference.inferencer import DEFAULT_AUG_RATIOS
+        from seg_accel.models import load_model
 
-        model = load_model(cfg, str(weights))
+        model = load_model(str(weights), model_cfg=cfg.model, classes=list(cfg.classes))
         test_cfg = cfg.model.test_cfg
         if aug_test:
             test_cfg = dataclasses.replace(test_cfg, img_ratios=test_cfg.img_ratios or list(DEFAULT_AUG_RATIOS),
@@ -146,13 +146,12 @@ class Predictor:
                     threshold: float | None = None) -> Predictor:
         """An export folder or Hub id alone: classes from its ``id2label``, the pipeline from its
         image processor, whole-image inference."""
-        from seg_accel.models import load_model
-        from seg_accel.models.builder import resolve_export
+        from seg_accel.models import load_model, resolve_export
 
         try:
             folder = resolve_export(source)
             model = load_model(folder)
-        except (OSError, ImportError) as exc:
+        except (OSError, ImportError, ValueError) as exc:
             raise ConfigError(f"cannot load the model: {exc}", key="SOURCE") from exc
         config = json.loads((folder / "config.json").read_text())
         id2label = config.get("id2label") or {}
@@ -168,8 +167,8 @@ class Predictor:
              aug_test: bool = False, device: str | torch.device | None = None) -> Predictor:
         """``source``: a config (then ``weights`` is required), a work dir (its config and final
         export, else best/newest checkpoint) or an export folder / Hub id."""
-        from seg_accel.engine.checkpoint import pick_weights
-        from seg_accel.engine.workdir import CONFIG_FILE
+        from seg_accel.models import pick_weights
+        from seg_accel.runtime.workdir import CONFIG_FILE
 
         path = Path(source)
         if path.is_dir() and (path / CONFIG_FILE).is_file():

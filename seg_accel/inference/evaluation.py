@@ -7,14 +7,17 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from seg_accel.engine.inference import Inferencer
-from seg_accel.engine.workdir import agree_on_write, write_text_atomic
+from seg_accel.config.schema import TrainConfig
+from seg_accel.data import build_dataset, build_val_loader
+from seg_accel.inference.inferencer import Inferencer
+from seg_accel.runtime.accelerator import pin_memory
+from seg_accel.runtime.storage import agree_on_write, write_text_atomic
 from seg_accel.errors import ConfigError
 from seg_accel.metrics import confusion_matrix, format_table, metrics_from_confusion
 from seg_accel.metrics.binary import (
@@ -25,10 +28,32 @@ from seg_accel.metrics.binary import (
     threshold_sweep,
 )
 
-if TYPE_CHECKING:
-    from seg_accel.engine.loggers import RunLog
-
 logger = logging.getLogger("seg_accel")
+
+
+class RecordSink(Protocol):
+    """Where the training-time evaluation sends its record (the trainer's run log)."""
+
+    def emit(self, record: dict[str, Any]) -> None: ...
+
+
+def build_eval_loader(cfg: TrainConfig, split: str, accelerator: Any) -> tuple[Any, Any]:
+    """(dataset, this process's loader) of ``data.<split>`` in test mode (original labels)."""
+    dataset = build_dataset(getattr(cfg.data, split), f"data.{split}", cfg.ignore_index, cfg.data.skip_bad_samples)
+    dataset.test_mode = True
+    batch, workers = cfg.data.loader(split)
+    loader = build_val_loader(dataset, batch, workers, accelerator.process_index, accelerator.num_processes,
+                              pin_memory=pin_memory(cfg, accelerator), persistent_workers=cfg.data.persistent_workers,
+                              prefetch_factor=cfg.data.prefetch_factor, device_type=accelerator.device.type)
+    return dataset, loader
+
+
+def check_split(cfg: TrainConfig) -> str:
+    """The split the evaluate command scores: ``test``, else ``val``."""
+    split = "test" if cfg.data.test is not None else "val"
+    if getattr(cfg.data, split) is None:
+        raise ConfigError("nothing to evaluate on: set data.test or data.val", key="data")
+    return split
 
 
 @torch.no_grad()
@@ -190,7 +215,7 @@ class Evaluator:
     the record handed to the logger hooks and ``eval_results.json`` rewritten."""
 
     def __init__(self, accelerator: Any, model: torch.nn.Module, loader: DataLoader, classes: list[str],
-                 ignore_index: int, inferencer: Inferencer, results_file: Path, log: RunLog):
+                 ignore_index: int, inferencer: Inferencer, results_file: Path, log: RecordSink):
         self.accelerator, self.model, self.loader = accelerator, model, loader
         self.classes, self.ignore_index, self.inferencer = list(classes), ignore_index, inferencer
         self.results_file, self.log = results_file, log

@@ -1,16 +1,12 @@
-"""Console/file logging that plays well with tqdm, and a meter for interval averages."""
+"""Console and log-file output that plays well with tqdm progress bars, for every command."""
 from __future__ import annotations
 
 import datetime
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
-
-if TYPE_CHECKING:
-    import torch
 
 LOGGER_NAME = "seg_accel"
 
@@ -63,36 +59,6 @@ def setup_logging(work_dir: str | Path | None, is_main: bool, timestamp: str | N
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(file_handler)
     return timestamp
-
-
-class IntervalMeter:
-    """Sums scalars over a log interval; ``averages`` returns the interval means.
-
-    Tensors stay on their device until ``averages`` (no device sync per iteration).
-    """
-
-    def __init__(self) -> None:
-        self.sums: dict[str, Any] = {}
-        self.counts: dict[str, int] = {}
-
-    def update(self, values: dict[str, float | torch.Tensor]) -> None:
-        import torch  # here: error reporting imports this module and must stay light
-
-        for key, value in values.items():
-            value = value.detach().float() if torch.is_tensor(value) else float(value)
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def averages(self) -> dict[str, float]:
-        return {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
-
-    def reset(self) -> None:
-        self.sums.clear()
-        self.counts.clear()
-
-
-def format_eta(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
 
 def record_in_log_file(message: str, level: int = logging.ERROR) -> None:

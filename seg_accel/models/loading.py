@@ -1,0 +1,169 @@
+"""Loading models and weights from disk or the Hub, for every command: an export through the
+family that wrote it, a training checkpoint through the config's architecture, weights into
+a built model (``load_from``, strict for evaluation), and the weights a work dir offers."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from seg_accel.errors import ConfigError
+from seg_accel.models.builder import build_model
+from seg_accel.models.families import attach_family, family_of_export, family_of_model
+from seg_accel.models.interface import EXPORT_CONFIG
+from seg_accel.runtime.checkpoints import META, is_complete, latest_checkpoint
+from seg_accel.runtime.manifest import MANIFEST, verify
+from seg_accel.runtime.workdir import FINAL_DIR
+
+if TYPE_CHECKING:
+    from seg_accel.config.schema import ModelConfig
+
+logger = logging.getLogger("seg_accel")
+
+
+def resolve_export(source: str | os.PathLike) -> Path:
+    """A local export folder, or a Hub repo id downloaded (``HF_HUB_OFFLINE``: the local cache only)."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / EXPORT_CONFIG).is_file():
+            raise FileNotFoundError(f"{path} has no {EXPORT_CONFIG}: not a model export")
+        return path
+    text = str(source)
+    if path.exists() or text.startswith((".", "/")) or text.count("/") != 1:
+        raise FileNotFoundError(f"{source} is neither an export folder nor a Hub repo id (user/name)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(text))
+
+
+def load_export(source: str | os.PathLike) -> nn.Module:
+    """Any seg-accel export (a ``final/`` folder, a checkpoint's ``pretrained/``, or a Hub repo it
+    was pushed to), rebuilt by the family that wrote it."""
+    folder = resolve_export(source)
+    config = json.loads((folder / EXPORT_CONFIG).read_text())
+    family = family_of_export(config, folder)
+    return attach_family(family.load_export(folder, config), family)
+
+
+def load_model(source: str | os.PathLike, model_cfg: ModelConfig | None = None, classes: list[str] | None = None,
+               key: str = "CHECKPOINT") -> nn.Module:
+    """Load a model from disk or the Hub: any seg-accel export (a ``final/`` folder, a
+    checkpoint's ``pretrained/``, or a Hub repo id it was pushed to), rebuilt by its family.
+
+    With ``model_cfg`` (the evaluate command, predict from a config) ``source`` may also be a
+    training checkpoint (the architecture from ``model_cfg``, every tensor must fit), every
+    failure is a ``ConfigError`` naming ``key``, and with ``classes`` the model's outputs must
+    fit the data's classes."""
+    if model_cfg is None:
+        return load_export(source)
+    path = Path(source)
+    if (path / META).is_file():
+        model = build_model(model_cfg, list(classes or []))
+        load_weights(model, path, key=key, strict=True)
+        return model
+    text = str(source)
+    try:
+        model = load_export(source)
+    except (OSError, ImportError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        if path.exists() or text.startswith((".", "/")) or text.count("/") > 1:
+            raise ConfigError(f"not a checkpoint or save_pretrained folder (an export): {text}", key=key) from exc
+        raise ConfigError(f"cannot load '{text}'{' (HF_HUB_OFFLINE is set)' if offline else ''}: {exc}",
+                          key=key) from exc
+    if classes is not None:
+        outputs = model_cfg.decode_head.out_channels or len(classes)
+        found = family_of_model(model).output_channels(model)
+        if found is not None and found != outputs:
+            raise ConfigError(f"the model has {found} output classes but the data defines "
+                              f"{len(classes)} ({', '.join(classes)})", key=key)
+    return model
+
+
+def _shape_summary(problems: list[str], total: int) -> str:
+    shown = "; ".join(problems[:3]) + (f"; ... ({len(problems) - 3} more)" if len(problems) > 3 else "")
+    return f"{len(problems)} of {total} tensors differ ({shown})"
+
+
+def check_weights_fit(model: Any, file: Path, key: str) -> None:
+    """Every tensor of ``file`` (safetensors) has the name and shape of the model's: one line
+    naming what differs otherwise (another class count, another architecture)."""
+    from safetensors import safe_open
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with safe_open(str(file), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    problems = [f"{k} {found[k]} vs the model's {expected[k]}" for k in found if k in expected
+                and found[k] != expected[k]]
+    problems += [f"{k} is not in the model" for k in found if k not in expected]
+    problems += [f"the model's {k} is not in the checkpoint" for k in expected if k not in found]
+    if problems:
+        raise ConfigError(f"{file.parent.name} was made with another model: {_shape_summary(problems, len(expected))}"
+                          ". Another class count or architecture? (load_from takes the matching weights only)",
+                          key=key)
+
+
+def load_weights(model: Any, path: Path, key: str = "load_from", strict: bool = False) -> None:
+    """Weights only: a checkpoint folder, an export folder or a ``.safetensors`` file.
+
+    ``load_from`` (``strict=False``) loads what matches in name and shape and says in one line
+    what it leaves (a new head for other classes is the usual case); nothing matching is an
+    error. ``strict`` (evaluating a checkpoint): anything that does not match is an error."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        files = [path]
+    else:
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        raise ConfigError(f"no weights at {path} (expected a checkpoint or export folder, or a .safetensors file)",
+                          key=key)
+    if path.is_dir() and (path / MANIFEST).is_file() and (problem := verify(path)) is not None:
+        raise ConfigError(f"checkpoint {path.name} is damaged: {problem}", key=key)
+    config_file = path / EXPORT_CONFIG if path.is_dir() else None
+    if config_file is not None and config_file.is_file() and not (path / META).is_file():
+        # an export: its family gives its weights under the model's names
+        config = json.loads(config_file.read_text())
+        state = family_of_export(config, path).export_state_dict(path, config)
+    else:  # an Accelerate checkpoint or a file: the model's own state dict
+        state = {}
+        for file in files:
+            state.update(load_file(str(file)))
+    expected = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in expected and tuple(v.shape) == tuple(expected[k].shape)}
+    problems = [f"{k} {tuple(v.shape)} vs the model's {tuple(expected[k].shape)}" for k, v in state.items()
+                if k in expected and k not in fits]
+    problems += [f"{k} is not in the model" for k in state if k not in expected]
+    missing = [k for k in expected if k not in state]
+    if not fits:
+        raise ConfigError(f"none of the {len(expected)} tensors of the model is in {path} with its name and shape "
+                          f"(e.g. the file has {next(iter(state), 'nothing')}, the model {next(iter(expected))}): "
+                          "weights of another architecture?", key=key)
+    if strict and (problems or missing):
+        problems += [f"the model's {k} is not in it" for k in missing]
+        raise ConfigError(f"{path} does not fit the model: {_shape_summary(problems, len(expected))}. Another class "
+                          "count or architecture?", key=key)
+    model.load_state_dict(fits, strict=False)
+    if problems or missing:
+        logger.warning("%s %s: loaded %d of the model's %d tensors; not loaded: %s%s", key, path, len(fits),
+                       len(expected), _shape_summary(problems, len(state)) if problems else "",
+                       f"{'; ' if problems else ''}{len(missing)} kept at their initialisation (e.g. {missing[0]})"
+                       if missing else "")
+    logger.info("loaded weights from %s", path)
+
+
+def pick_weights(work_dir: Path) -> Path:
+    """A work dir's ``final/`` export, else its best checkpoint, else its newest one."""
+    if (work_dir / FINAL_DIR / "config.json").is_file():
+        return work_dir / FINAL_DIR
+    best = sorted((p for p in work_dir.glob("best_*") if is_complete(p)), key=lambda p: p.stat().st_mtime)
+    if best:
+        return best[-1]
+    latest = latest_checkpoint(work_dir)
+    if latest is None:
+        raise ConfigError(f"{work_dir} holds no final/ export and no complete checkpoint", key="CHECKPOINT")
+    return latest
