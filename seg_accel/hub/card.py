@@ -101,12 +101,13 @@ def build_model_card(
     iteration); ``info``: ``run_info.json`` (processes, device, time)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from seg_accel.models.modules import EXPORT_KEY
+    from seg_accel.models import family_of_export
 
     info = info or {}
     dataset = dataset_identity(cfg.get("data") or {})
-    module_spec = model_config.get(EXPORT_KEY)  # a registered nn.Module, not a transformers model
-    architecture = module_spec["type"] if module_spec else (model_config.get("architectures") or ["?"])[0]
+    family = family_of_export(model_config)  # the family that wrote the export says how to present it
+    described = family.describe_export(model_config)
+    architecture = described["architecture"]
     model_name = repo_id.split("/")[-1]
     eval_results = []
     if evaluation:
@@ -119,10 +120,9 @@ def build_model_card(
                     metric_type=METRIC_TYPES[name], metric_name=name, metric_value=round(float(value), 4),
                 ))
     card_data = ModelCardData(
-        library_name="pytorch" if module_spec else "transformers",
+        library_name=described["library"],
         pipeline_tag="image-segmentation",
-        tags=["seg-accel", "semantic-segmentation",
-              str(module_spec["type"] if module_spec else model_config.get("model_type", "model"))],
+        tags=["seg-accel", "semantic-segmentation", described["tag"]],
         datasets=[dataset["hub_id"]] if dataset["hub_id"] else None,
         metrics=["mean_iou"] if eval_results else None,
         model_name=model_name if eval_results else None,
@@ -150,7 +150,7 @@ def build_model_card(
             lines.append("")
     else:
         lines += ["Not evaluated (the training config has no `data.val`).", ""]
-    lines += _module_usage(repo_id, module_spec) if module_spec else _transformers_usage(repo_id)
+    lines += ["## How to use", "", *family.usage(repo_id, model_config)]
     lines += ["## Training", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in _recipe(cfg, info)]
     lines += ["", "The full training config is `training_config.yaml` in this repository; the training log "
@@ -158,32 +158,3 @@ def build_model_card(
               "`eval_results.json`. To train it again: `seg-accel train training_config.yaml`.", ""]
     return ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n",
                                    body="\n".join(lines))
-
-
-def _module_usage(repo_id: str, spec: dict) -> list[str]:
-    return ["## How to use", "", f"A `{spec['type']}` (`{spec['import_path']}`) exported by seg-accel: its weights and "
-            "a `config.json` naming the class and its options. With that class importable (its module on the "
-            "Python path):", "", "```python", "import torch", "", "import seg_accel", "",
-            f'model = seg_accel.load_model("{repo_id}").eval()',
-            "with torch.no_grad():",
-            "    logits = model(pixel_values)  # (N, 3, H, W), normalised as preprocessor_config.json says",
-            "labels = logits.argmax(1)  # config.json's id2label names the classes", "```", ""]
-
-
-def _transformers_usage(repo_id: str) -> list[str]:
-    return ["## How to use", "", "```python",
-            "from transformers import pipeline", "",
-            f'segmenter = pipeline("image-segmentation", model="{repo_id}")',
-            'masks = segmenter("image.jpg")  # one {"label", "mask"} per class present', "```", "",
-            "or, for the logits:", "", "```python",
-            "import torch",
-            "from PIL import Image",
-            "from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation", "",
-            f'processor = AutoImageProcessor.from_pretrained("{repo_id}")',
-            f'model = AutoModelForSemanticSegmentation.from_pretrained("{repo_id}").eval()',
-            'image = Image.open("image.jpg").convert("RGB")',
-            "with torch.no_grad():",
-            '    logits = model(**processor(image, return_tensors="pt")).logits',
-            "logits = torch.nn.functional.interpolate(logits, size=image.size[::-1], mode=\"bilinear\")",
-            "labels = logits.argmax(1)[0]  # (height, width) class indices; model.config.id2label names them",
-            "```", ""]

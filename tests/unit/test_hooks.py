@@ -281,3 +281,45 @@ def test_logger_by_epoch_counts_within_the_epoch(tmp_path, fresh_accelerate, run
     log = next((tmp_path / "work").glob("*.log")).read_text()
     found = re.findall(r"(Epoch \[\d+\]\[\d+/\d+\]|Iter \[\d+/\d+\])\t", log)
     assert found == expected
+
+
+def test_no_hook_receives_the_trainer(tmp_path, fresh_accelerate, monkeypatch):
+    """Every hook point gets the read-only Runner view: not the Trainer, nothing that leads back
+    to it (no bound method of it, no attribute holding it), and its counters cannot be set."""
+    import functools
+
+    from seg_accel.engine.hooks import HookList
+    from seg_accel.engine.runner import Runner
+    from seg_accel.engine.trainer import Trainer
+
+    seen = []
+    original = HookList.call
+
+    def recording(self, point, runner):
+        seen.append((point, runner))
+        return original(self, point, runner)
+
+    monkeypatch.setattr(HookList, "call", recording)
+    cfg = tiny_config(checkpoint_config={"interval": 2}, evaluation={"interval": 2, "save_best": "mIoU"},
+                      workflow=[["train", 2], ["val", 1]])
+    trainer, _ = make_trainer(tmp_path, cfg)
+    trainer.train()
+    points = {point for point, _ in seen}
+    assert {"before_run", "before_train_iter", "after_train_iter", "before_val_epoch", "after_run"} <= points
+    assert all(type(runner) is Runner for _, runner in seen)
+
+    runner = seen[0][1]
+
+    def leads_to_trainer(value):
+        if isinstance(value, Trainer) or getattr(value, "__self__", None) is trainer:
+            return True
+        if isinstance(value, functools.partial):
+            return any(leads_to_trainer(v) for v in (value.func, *value.args, *value.keywords.values()))
+        return False
+
+    assert not any(leads_to_trainer(getattr(runner, name)) for name in dir(runner)), dir(runner)
+    assert runner.iter == trainer.iter == 4 and runner.optimizer_steps == 4 and len(runner.hooks) == len(trainer.hooks)
+    for name in ("iter", "optimizer_steps", "epoch", "model"):
+        with pytest.raises(AttributeError, match="read-only"):
+            setattr(runner, name, 0)
+    assert trainer.iter == 4
