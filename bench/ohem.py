@@ -18,39 +18,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from seg_accel.losses.ohem import OHEMPixelSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from load import competing_load, cores, describe  # noqa: E402
-
-IGNORE = 255
-
-
-def full_sort_reference(logits, labels, thresh, min_kept, pixel_losses):
-    """docs/behaviour.md section 6 done the obvious way: sort everything."""
-    valid = labels != IGNORE
-    kept = min_kept * labels.shape[0]
-    weight = torch.zeros(labels.shape)
-    if thresh is not None:
-        safe = torch.where(valid, labels, torch.zeros_like(labels))
-        prob = logits.softmax(1).gather(1, safe.unsqueeze(1)).squeeze(1)
-        sorted_prob = prob[valid].sort().values
-        min_thr = sorted_prob[min(kept, sorted_prob.numel() - 1)].item() if sorted_prob.numel() else 0.0
-        weight[valid & (prob < max(min_thr, thresh))] = 1.0
-        return weight
-    losses = pixel_losses(logits, labels)[valid]
-    order = losses.sort(descending=True, stable=True).indices[:kept]
-    flat = torch.zeros(losses.numel())
-    flat[order] = 1.0
-    weight[valid] = flat
-    return weight
-
-
-def ce_pixel_losses(logits, labels):
-    return F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE)
-
+from ohem_reference import IGNORE, ce_pixel_losses, full_sort_reference  # noqa: E402
 
 def timed(fn, repeats):
     fn()  # warm-up

@@ -5,13 +5,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from seg_accel.losses.utils import (
     binary_target,
     load_class_weight,
+    PixelLoss,
     one_hot,
-    reduce_pixel_loss,
     resolve_ignore_index,
     valid_mask,
 )
@@ -19,7 +18,7 @@ from seg_accel.registry import LOSSES
 
 
 @LOSSES.register()
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(PixelLoss):
     """Softmax: per pixel ``w[y] * -log softmax(z)[y]``, 0 on ignored pixels.
     Sigmoid (``use_sigmoid``): binary CE of each channel against the one-hot target,
     ``class_weight[c]`` weighting channel ``c``; a 1-channel head (two classes) takes
@@ -90,20 +89,7 @@ class CrossEntropyLoss(nn.Module):
             loss = loss * self.weight.to(loss.dtype).view(1, -1, 1, 1)
         return (loss * mask.unsqueeze(1)).sum(1)
 
-    def forward(
-        self,
-        logits_nchw: torch.Tensor,
-        labels_nhw: torch.Tensor,
-        pixel_weight_nhw: torch.Tensor | None = None,
-        ignore_index: int = 255,
-    ) -> torch.Tensor:
-        ignore = resolve_ignore_index(self.ignore_index, ignore_index)
-        loss = self.pixel_loss(logits_nchw, labels_nhw, ignore_index)
-        if pixel_weight_nhw is not None:
-            loss = loss * pixel_weight_nhw
+    def denominator(self, logits_nchw: torch.Tensor, labels_nhw: torch.Tensor, ignore: int) -> torch.Tensor | float:
         channels = logits_nchw.shape[1] if self.use_sigmoid else 1  # sigmoid: a mean over every channel
-        if self.avg_non_ignore:
-            denominator = (labels_nhw != ignore).sum() * channels
-        else:
-            denominator = loss.numel() * channels
-        return self.loss_weight * reduce_pixel_loss(loss, self.reduction, denominator)
+        pixels = (labels_nhw != ignore).sum() if self.avg_non_ignore else labels_nhw.numel()
+        return pixels * channels

@@ -5,14 +5,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from seg_accel.errors import ConfigError
 from seg_accel.losses.utils import (
     binary_target,
     load_class_weight,
+    PixelLoss,
     one_hot,
-    reduce_pixel_loss,
     resolve_ignore_index,
     valid_mask,
 )
@@ -20,7 +19,7 @@ from seg_accel.registry import LOSSES
 
 
 @LOSSES.register()
-class FocalLoss(nn.Module):
+class FocalLoss(PixelLoss):
     """Per pixel and class channel ``c`` with one-hot target ``t`` and ``p = sigmoid(z)``:
     ``BCE(z, t) * (alpha*t + (1-alpha)*(1-t)) * (t*(1-p) + (1-t)*p) ** gamma``, times
     ``class_weight[c]``; ignored pixels count 0. ``mean`` divides by all N*C*H*W elements
@@ -69,15 +68,3 @@ class FocalLoss(nn.Module):
             # a 1-channel head weights each pixel by class_weight[label], as the sigmoid CE does
             loss = loss * (weights[target.long()] if binary else weights.view(1, -1, 1, 1))
         return (loss * valid_mask(labels_nhw, ignore).unsqueeze(1)).sum(1)
-
-    def forward(
-        self,
-        logits_nchw: torch.Tensor,
-        labels_nhw: torch.Tensor,
-        pixel_weight_nhw: torch.Tensor | None = None,
-        ignore_index: int = 255,
-    ) -> torch.Tensor:
-        loss = self.pixel_loss(logits_nchw, labels_nhw, ignore_index)
-        if pixel_weight_nhw is not None:
-            loss = loss * pixel_weight_nhw
-        return self.loss_weight * reduce_pixel_loss(loss, self.reduction, loss.numel() * logits_nchw.shape[1])

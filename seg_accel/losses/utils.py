@@ -1,13 +1,14 @@
-"""Helpers shared by the losses: class weights from lists or files, reductions, masks."""
+"""Helpers shared by the losses: class weights from lists or files, reductions, masks, and the base
+of the per-pixel losses."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from seg_accel.errors import ConfigError
-
 
 
 def load_class_weight(value: list[float] | str | None, key: str = "class_weight") -> list[float] | None:
@@ -79,3 +80,34 @@ def binary_target(labels_nhw: torch.Tensor, ignore_index: int) -> torch.Tensor:
     if labels.numel() and labels.max() > 1:
         raise ValueError("a 1-channel sigmoid head takes labels 0 and 1 only (two classes)")
     return labels.to(torch.float32)
+
+
+class PixelLoss(nn.Module):
+    """Base of the losses made of one term per pixel (cross-entropy, focal): ``forward`` weights
+    each pixel's ``pixel_loss`` ``(N, H, W)`` by the sampler's ``pixel_weight_nhw``, reduces it
+    (``reduction``; ``mean`` divides by ``denominator``) and scales it by ``loss_weight``."""
+
+    reduction: str = "mean"
+    loss_weight: float = 1.0
+    ignore_index: int | None = None
+
+    def pixel_loss(self, logits_nchw: torch.Tensor, labels_nhw: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+        raise NotImplementedError
+
+    def denominator(self, logits_nchw: torch.Tensor, labels_nhw: torch.Tensor, ignore: int) -> torch.Tensor | float:
+        """What ``mean`` divides by: every pixel of every class channel (N*C*H*W)."""
+        return labels_nhw.numel() * logits_nchw.shape[1]
+
+    def forward(
+        self,
+        logits_nchw: torch.Tensor,
+        labels_nhw: torch.Tensor,
+        pixel_weight_nhw: torch.Tensor | None = None,
+        ignore_index: int = 255,
+    ) -> torch.Tensor:
+        loss = self.pixel_loss(logits_nchw, labels_nhw, ignore_index)
+        if pixel_weight_nhw is not None:
+            loss = loss * pixel_weight_nhw
+        ignore = resolve_ignore_index(self.ignore_index, ignore_index)
+        return self.loss_weight * reduce_pixel_loss(loss, self.reduction, self.denominator(logits_nchw, labels_nhw,
+                                                                                            ignore))

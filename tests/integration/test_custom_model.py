@@ -18,7 +18,7 @@ from tests.conftest import (
     tiny_config,
     write_yaml,
 )
-from tests.integration.test_resume import KILLER
+from tests.integration.test_resume_e2e import KILLER
 
 USER_MODELS = textwrap.dedent('''
     import torch

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, accelerate_launch, run_script, script_env, tiny_config, write_yaml
-from tests.integration.test_resume import KILLER
+from tests.integration.test_resume_e2e import KILLER
 
 TRAIN = str(REPO / "scripts/train.py")
 

@@ -2,34 +2,16 @@
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from seg_accel.losses import OHEMPixelSampler
+from tests.conftest import REPO
 
-IGNORE = 255
-
-
-def full_sort_reference(logits, labels, thresh, min_kept):
-    """docs/behaviour.md section 6 the obvious way: sort every valid pixel."""
-    valid = labels != IGNORE
-    kept = min_kept * labels.shape[0]
-    weight = torch.zeros(labels.shape)
-    if thresh is not None:
-        safe = torch.where(valid, labels, torch.zeros_like(labels))
-        prob = logits.softmax(1).gather(1, safe.unsqueeze(1)).squeeze(1)
-        ordered = prob[valid].sort().values
-        min_thr = ordered[min(kept, ordered.numel() - 1)].item() if ordered.numel() else 0.0
-        weight[valid & (prob < max(min_thr, thresh))] = 1.0
-        return weight
-    losses = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE)[valid]
-    chosen = losses.sort(descending=True, stable=True).indices[:kept]  # ties: the lower index first
-    flat = torch.zeros(losses.numel())
-    flat[chosen] = 1.0
-    weight[valid] = flat
-    return weight
+sys.path.insert(0, str(REPO / "bench"))
+from ohem_reference import IGNORE, ce_pixel_losses, full_sort_reference  # noqa: E402  (the one reference: bench/ohem_reference.py)
 
 
 def random_case(rng: random.Random):
@@ -50,14 +32,10 @@ def random_case(rng: random.Random):
     return logits, labels, thresh, min_kept, kind, ignored
 
 
-def ce_pixels(logits, labels):
-    return F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE)
-
-
 @pytest.mark.parametrize("seed", range(200))
 def test_mask_equals_the_full_sort_reference(seed):
     logits, labels, thresh, min_kept, kind, ignored = random_case(random.Random(seed))
-    ours = OHEMPixelSampler(thresh=thresh, min_kept=min_kept).sample(logits, labels, IGNORE, ce_pixels)
+    ours = OHEMPixelSampler(thresh=thresh, min_kept=min_kept).sample(logits, labels, IGNORE, ce_pixel_losses)
     assert torch.equal(ours, full_sort_reference(logits, labels, thresh, min_kept)), (kind, thresh, min_kept, ignored)
     assert not ours[labels == IGNORE].any()
 
@@ -85,7 +63,7 @@ def test_examples_by_hand():
     assert keep.tolist() == [[[0.0, 0.0, 1.0, 1.0, 0.0]]]  # below 0.5
     keep = OHEMPixelSampler(thresh=0.3, min_kept=3).sample(logits, labels, IGNORE)
     assert keep.tolist() == [[[0.0, 1.0, 1.0, 1.0, 0.0]]]  # 4th smallest p is 0.9 -> threshold 0.9: the 3 below it
-    keep = OHEMPixelSampler(min_kept=2).sample(logits, labels, IGNORE, ce_pixels)
+    keep = OHEMPixelSampler(min_kept=2).sample(logits, labels, IGNORE, ce_pixel_losses)
     assert keep.tolist() == [[[0.0, 0.0, 1.0, 1.0, 0.0]]]  # the 2 largest losses
 
 
