@@ -108,8 +108,9 @@ class ModelConfig:
     """``model``: which network (``type``: a transformers ``*ForSemanticSegmentation`` class, a
     model registered in ``MODELS`` or a dotted import path) and how to initialise it.
 
-    ``config`` holds the transformers config kwargs; a registered ``nn.Module`` takes its
-    constructor's keyword arguments in ``config`` too (``num_classes`` comes from the data).
+    ``config`` holds a transformers model's config kwargs; a registered ``nn.Module`` takes its
+    constructor's keyword arguments directly under ``model`` (kept in ``options``;
+    ``num_classes`` comes from the data). The model's family checks which of them it takes.
     """
 
     type: str

@@ -208,3 +208,19 @@ def test_the_cycle_checker_finds_cycles_through_function_level_imports_and_skips
     assert edges == {"seg_accel.pkg.a": {"seg_accel.pkg.b"}, "seg_accel.pkg.b": {"seg_accel.pkg.a"},
                      "seg_accel.pkg.c": set()}
     assert import_cycles(edges) == [["seg_accel.pkg.a", "seg_accel.pkg.b"]]
+
+
+def test_the_architecture_page_draws_these_layers():
+    """docs/architecture.md's picture of the layers stacks the units as LAYERS does (top layer first)."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    picture = text.split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+
+    def row(unit: str) -> int:
+        rows = [i for i, line in enumerate(picture) if f"{unit}/" in line.split("   ")[0] or f"{unit}.py" in line]
+        assert rows, f"{unit} is not in the picture"
+        return rows[0]
+
+    rows = [{row(unit) for unit in units} for units in LAYERS]
+    assert all(len(r) == 1 for r in rows), rows  # a layer's units share one row
+    order = [min(r) for r in rows]
+    assert order == sorted(order, reverse=True), order  # lowest layer at the bottom
