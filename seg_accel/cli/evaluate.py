@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from seg_accel.cli.common import add_launch_arguments, add_option_arguments, resolve_config, run_cli
-from seg_accel.models import pick_weights
+from seg_accel.runtime.checkpoints import pick_weights
 from seg_accel.errors import ConfigError
 
 
@@ -42,6 +42,10 @@ def evaluate_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                       "scored); the confusion-matrix and IoU charts go beside it")
     parser.add_argument("--show-dir", help="write an overlay (prediction | ground truth) per image here")
     parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity in [0, 1]")
+    parser.add_argument("--show-image", action="store_true",
+                        help="--show-dir panels start with the image itself (image | prediction | ground truth)")
+    parser.add_argument("--show-scale", type=int, default=1,
+                        help="--show-dir panels enlarged this many times (nearest neighbour; for small images)")
     add_launch_arguments(parser)
     return parser
 
@@ -92,6 +96,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.opacity <= 1.0:
         raise ConfigError(f"must be in [0, 1], got {args.opacity}", key="--opacity")
+    if not 1 <= args.show_scale <= 16:
+        raise ConfigError(f"must be an integer from 1 to 16, got {args.show_scale}", key="--show-scale")
     config, weights, run_dir = resolve_sources(args.sources)
     if args.num_processes is not None and args.num_processes > 1 or args.config_file is not None:
         return _launch(args, config, weights)
@@ -107,19 +113,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     with cfg.errors_located():
         evaluate_checkpoint(train_cfg, cfg, weights, args.metrics, args.aug_test, out,
                             Path(args.show_dir) if args.show_dir else None, args.opacity, args.threshold_sweep,
-                            args.per_image)
+                            args.per_image, args.show_image, args.show_scale)
     return 0
 
 
 def _launch(args: argparse.Namespace, config: str, weights: str) -> int:
     from seg_accel.cli.launch import relaunch
 
-    argv = [config, weights, "--metrics", *args.metrics, "--opacity", str(args.opacity)]
+    argv = [config, weights, "--metrics", *args.metrics, "--opacity", str(args.opacity), "--show-scale",
+            str(args.show_scale)]
     for flag, value in (("--out", args.out), ("--show-dir", args.show_dir)):
         if value is not None:
             argv += [flag, value]
     for flag, on in (("--aug-test", args.aug_test), ("--threshold-sweep", args.threshold_sweep),
-                     ("--per-image", args.per_image)):
+                     ("--per-image", args.per_image), ("--show-image", args.show_image)):
         if on:
             argv.append(flag)
     if args.cfg_options:

@@ -33,7 +33,7 @@ def export_onnx_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def export_source(text: str) -> str:
     """An export folder for ``text``: a work dir gives its final/ (else best/newest checkpoint's
     pretrained/), a checkpoint its pretrained/."""
-    from seg_accel.models import pick_weights
+    from seg_accel.runtime.checkpoints import pick_weights
     from seg_accel.runtime.workdir import CONFIG_FILE
 
     path = Path(text)

@@ -1,48 +1,64 @@
 """What a hook sees of a training run: a read-only view, never the trainer (docs/components.md)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from seg_accel.engine.checkpoint import Checkpointer
+    from seg_accel.engine.export import Exporter
+    from seg_accel.engine.hooks import Hook, HookList
+    from seg_accel.engine.loggers import RunLog
     from seg_accel.engine.state import LoopState
+    from seg_accel.inference.evaluation import Evaluator
 
 
 class Runner:
-    """What a hook sees of the training run, read-only (the loop alone writes its counters).
+    """What every hook point is called with: the run's counters (read from the loop's state, which
+    only the loop writes) and the components the trainer built. Nothing on it can be set."""
 
-    ``iter`` (finished iterations), ``epoch`` (from 0), ``optimizer_steps``, ``max_iters``,
-    ``max_epochs`` (None for an iteration-based run), ``by_epoch``, ``outputs`` (this
-    iteration's loss terms), ``scheduled`` (its lr and momentum), ``accelerator``, ``model``
-    (prepared: DDP-wrapped on several processes), ``optimizer``, ``log`` (``log.put(name,
-    value)`` adds a value to the interval's record), ``checkpointer``, ``evaluator`` (None
-    without evaluation), ``exporter``, ``hooks`` (every registered hook, in order),
-    ``work_dir``, ``checkpoint_dir`` and ``run_info()`` (how the run was made)."""
+    __slots__ = ("_loop", "_hooks", "_run_info", "_accelerator", "_model", "_optimizer", "_log", "_checkpointer",
+                 "_evaluator", "_exporter", "_work_dir", "_checkpoint_dir", "_max_iters", "_max_epochs", "_by_epoch")
 
-    __slots__ = ("_loop", "_parts")
-
-    def __init__(self, loop: LoopState, **parts: Any):
-        object.__setattr__(self, "_loop", loop)
-        object.__setattr__(self, "_parts", parts)
-
-    def __getattr__(self, name: str) -> Any:
-        parts = object.__getattribute__(self, "_parts")
-        if name in parts and not name.startswith("_"):
-            return parts[name]
-        if name in _LOOP_FIELDS:
-            return getattr(object.__getattribute__(self, "_loop"), name)
-        raise AttributeError(f"a hook's runner has no '{name}' (it has: {', '.join(dir(self))})")
+    def __init__(self, loop: LoopState, hooks: HookList, run_info: Callable[[], dict[str, Any]], *, accelerator: Any,
+                 model: Any, optimizer: Any, log: RunLog, checkpointer: Checkpointer, evaluator: Evaluator | None,
+                 exporter: Exporter, work_dir: Path, checkpoint_dir: Path, max_iters: int, max_epochs: int | None,
+                 by_epoch: bool):
+        for name, value in locals().items():
+            if name not in ("self", "__class__"):
+                object.__setattr__(self, f"_{name}", value)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"a hook's runner is read-only: '{name}' cannot be set (the loop keeps its own state; "
                              "a hook keeps its own values on itself)")
 
+    # the loop's counters and this iteration's values
+    iter = property(lambda self: self._loop.iter, doc="finished iterations")
+    epoch = property(lambda self: self._loop.epoch, doc="the epoch, from 0")
+    optimizer_steps = property(lambda self: self._loop.optimizer_steps, doc="steps the optimizer applied")
+    outputs = property(lambda self: self._loop.outputs, doc="this iteration's loss terms")
+    scheduled = property(lambda self: self._loop.scheduled, doc="this iteration's lr and momentum")
+    # the run
+    max_iters = property(lambda self: self._max_iters)
+    max_epochs = property(lambda self: self._max_epochs, doc="None for an iteration-based run")
+    by_epoch = property(lambda self: self._by_epoch)
+    work_dir = property(lambda self: self._work_dir)
+    checkpoint_dir = property(lambda self: self._checkpoint_dir)
+    # the components
+    accelerator = property(lambda self: self._accelerator)
+    model = property(lambda self: self._model, doc="prepared: DDP-wrapped on several processes")
+    optimizer = property(lambda self: self._optimizer)
+    log = property(lambda self: self._log, doc="log.put(name, value) adds a value to the interval's record")
+    checkpointer = property(lambda self: self._checkpointer)
+    evaluator = property(lambda self: self._evaluator, doc="None without evaluation")
+    exporter = property(lambda self: self._exporter)
+
     @property
-    def hooks(self) -> tuple[Any, ...]:
-        return tuple(object.__getattribute__(self, "_parts")["_hooks"])
+    def hooks(self) -> tuple[Hook, ...]:
+        """Every registered hook, in the order they run."""
+        return tuple(self._hooks)
 
-    def __dir__(self) -> list[str]:
-        parts = object.__getattribute__(self, "_parts")
-        return sorted([*_LOOP_FIELDS, *(k for k in parts if not k.startswith("_")), "hooks"])
-
-
-_LOOP_FIELDS = ("iter", "epoch", "optimizer_steps", "outputs", "scheduled")
+    def run_info(self) -> dict[str, Any]:
+        """How the run was made (versions, processes, device, iterations, time)."""
+        return self._run_info()

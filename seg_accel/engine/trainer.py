@@ -187,11 +187,11 @@ class Trainer:
         if cfg.evaluates:
             self.evaluator = Evaluator(acc, self.model, self.val_loader, self.classes, cfg.ignore_index,
                                        build_inferencer(cfg, acc), self.work_dir / EVAL_RESULTS, self.log)
-        self.runner = Runner(self.loop, accelerator=acc, model=self.model, optimizer=self.optimizer, log=self.log,
-                             checkpointer=self.checkpointer, evaluator=self.evaluator, exporter=self.exporter,
-                             work_dir=self.work_dir, checkpoint_dir=self.checkpoint_dir, max_iters=self.max_iters,
-                             max_epochs=cfg.runner.max_epochs if self.by_epoch else None, by_epoch=self.by_epoch,
-                             run_info=self.run_info, _hooks=self.hooks)
+        self.runner = Runner(self.loop, self.hooks, self.run_info, accelerator=acc, model=self.model,
+                             optimizer=self.optimizer, log=self.log, checkpointer=self.checkpointer,
+                             evaluator=self.evaluator, exporter=self.exporter, work_dir=self.work_dir,
+                             checkpoint_dir=self.checkpoint_dir, max_iters=self.max_iters,
+                             max_epochs=cfg.runner.max_epochs if self.by_epoch else None, by_epoch=self.by_epoch)
 
     def _build_hooks(self, logger_hooks: list[Hook]) -> None:
         """The built-ins (schedules, optimizer step, checkpoints, timer, evaluation, final export,

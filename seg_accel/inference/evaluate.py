@@ -28,7 +28,7 @@ logger = logging.getLogger("seg_accel")
 
 def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metrics: list[str], aug_test: bool,
                         out: Path, show_dir: Path | None = None, opacity: float = 0.5, sweep: bool = False,
-                        per_image: bool = False) -> dict[str, Any]:
+                        per_image: bool = False, show_image: bool = False, show_scale: int = 1) -> dict[str, Any]:
     """Score ``checkpoint``; print the table; write ``out`` (JSON), its charts and with
     ``per_image`` ``<out stem>_per_image.csv`` (main process)."""
     acc, _ = build_accelerator(cfg, training=False)
@@ -40,7 +40,8 @@ def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metr
     if (note := keep_norms_fp32_if_cpu_bf16(model, acc)) is not None:  # as training evaluated it
         logger.info("%s", note)
     inferencer = build_inferencer(cfg, acc, aug_test)
-    overlays = Overlays(dataset, show_dir, opacity, cfg.ignore_index) if show_dir is not None else None
+    overlays = Overlays(dataset, show_dir, opacity, cfg.ignore_index, show_image, show_scale) \
+        if show_dir is not None else None
     logger.info("evaluating %s on data.%s (%d images, %d process(es)): %s%s", checkpoint, split, len(dataset),
                 acc.num_processes, inferencer.mode,
                 f", scales {inferencer.ratios}{' + flip' if inferencer.flip else ''}" if inferencer.augmented else "")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from seg_accel.losses.head import BINARY_THRESHOLD, resize_logits
+from seg_accel.logits import BINARY_THRESHOLD, resize_logits
 from seg_accel.models.interface import segmentation_logits
 
 if TYPE_CHECKING:

@@ -167,7 +167,7 @@ class Predictor:
              aug_test: bool = False, device: str | torch.device | None = None) -> Predictor:
         """``source``: a config (then ``weights`` is required), a work dir (its config and final
         export, else best/newest checkpoint) or an export folder / Hub id."""
-        from seg_accel.models import pick_weights
+        from seg_accel.runtime.checkpoints import pick_weights
         from seg_accel.runtime.workdir import CONFIG_FILE
 
         path = Path(source)

@@ -14,14 +14,17 @@ from seg_accel.metrics.palette import default_palette, overlay_panel
 
 
 class Overlays:
-    """``--show-dir``: per image, the prediction and the ground truth blended over the image, side
-    by side under a header naming each, with a legend of the classes either shows; named after
-    the source image (``<show_dir>/<image name>.png``)."""
+    """``--show-dir``: per image, the prediction and the ground truth blended over the image (with
+    ``image``, the image itself first), side by side under a header naming each, with a legend
+    of the classes either shows, enlarged ``scale`` times; named after the source image
+    (``<show_dir>/<image name>.png``)."""
 
-    def __init__(self, dataset: Any, show_dir: Path, opacity: float, ignore_index: int):
+    def __init__(self, dataset: Any, show_dir: Path, opacity: float, ignore_index: int, image: bool = False,
+                 scale: int = 1):
         if getattr(dataset, "streaming", False):
             raise ConfigError("--show-dir needs a map-style dataset (streaming: false)", key="--show-dir")
         self.dataset, self.show_dir, self.opacity, self.ignore = dataset, show_dir, opacity, ignore_index
+        self.image, self.scale = image, scale
         palette = dataset.palette if dataset.palette is not None else default_palette(len(dataset.classes))
         self.palette = np.asarray(palette, dtype=np.uint8)
         show_dir.mkdir(parents=True, exist_ok=True)
@@ -30,8 +33,11 @@ class Overlays:
         for index, p, label in zip(batch["indices"].tolist(), pred.cpu().numpy(), batch["labels"].numpy()):
             img, _ = self.dataset.load(index)
             present = np.union1d(np.unique(p), np.unique(label[label != self.ignore]))
-            panel = overlay_panel([("prediction", img, p), ("ground truth", img, label)], self.dataset.classes,
-                                  self.palette, self.opacity, present, self.ignore)
+            if self.scale > 1:  # nearest neighbour: every pixel a block, the labels unchanged
+                img, p, label = (np.repeat(np.repeat(a, self.scale, 0), self.scale, 1) for a in (img, p, label))
+            panels = [("image", img)] if self.image else []
+            panels += [("prediction", img, p), ("ground truth", img, label)]
+            panel = overlay_panel(panels, self.dataset.classes, self.palette, self.opacity, present, self.ignore)
             target = self.show_dir / f"{self.dataset.sample_name(index)}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             panel.save(target)

@@ -6,31 +6,14 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seg_accel.config.types import join_key
 from seg_accel.errors import ConfigError
+from seg_accel.logits import BINARY_THRESHOLD, predict, resize_logits  # noqa: F401 (part of this module's API)
 from seg_accel.registry import LOSSES, SAMPLERS
 
 logger = logging.getLogger("seg_accel")
-
-BINARY_THRESHOLD = 0.3  # MMSegmentation's default for a 1-channel (sigmoid) head
-
-
-def resize_logits(logits_nchw: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
-    if tuple(logits_nchw.shape[-2:]) == tuple(size):
-        return logits_nchw
-    return F.interpolate(logits_nchw, size=size, mode="bilinear", align_corners=align_corners)
-
-
-def predict(logits_nchw: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
-    """Class ids ``(N, H, W)``: argmax, or ``sigmoid > threshold`` for a 1-channel head."""
-    if logits_nchw.shape[1] == 1:
-        return (logits_nchw[:, 0].sigmoid() > (BINARY_THRESHOLD if threshold is None else threshold)).long()
-    # max(1).indices: the same first-maximum index as argmax(1), ~18x faster on CPUs for NCHW
-    return logits_nchw.max(1).indices
-
 
 @torch.no_grad()
 def pixel_accuracy(logits_nchw: torch.Tensor, labels_nhw: torch.Tensor, ignore_index: int,

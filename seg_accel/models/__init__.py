@@ -17,7 +17,7 @@ from seg_accel.models.families import (
     register_family,
 )
 from seg_accel.models.interface import ModelFamily, SegOutput, as_seg_output, segmentation_logits
-from seg_accel.models.loading import load_model, load_weights, pick_weights, resolve_export
+from seg_accel.models.loading import load_model, load_weights, resolve_export
 
 __all__ = [
     "ModelFamily",
@@ -34,7 +34,6 @@ __all__ = [
     "load_weights",
     "model_family",
     "needs_unused_parameter_search",
-    "pick_weights",
     "register_family",
     "resolve_export",
     "segmentation_logits",

@@ -1,6 +1,6 @@
 """Loading models and weights from disk or the Hub, for every command: an export through the
 family that wrote it, a training checkpoint through the config's architecture, weights into
-a built model (``load_from``, strict for evaluation), and the weights a work dir offers."""
+a built model (``load_from``, strict for evaluation)."""
 from __future__ import annotations
 
 import json
@@ -15,9 +15,8 @@ from seg_accel.errors import ConfigError
 from seg_accel.models.builder import build_model
 from seg_accel.models.families import attach_family, family_of_export, family_of_model
 from seg_accel.models.interface import EXPORT_CONFIG
-from seg_accel.runtime.checkpoints import META, is_complete, latest_checkpoint
+from seg_accel.runtime.checkpoints import META
 from seg_accel.runtime.manifest import MANIFEST, verify
-from seg_accel.runtime.workdir import FINAL_DIR
 
 if TYPE_CHECKING:
     from seg_accel.config.schema import ModelConfig
@@ -154,16 +153,3 @@ def load_weights(model: Any, path: Path, key: str = "load_from", strict: bool = 
                        f"{'; ' if problems else ''}{len(missing)} kept at their initialisation (e.g. {missing[0]})"
                        if missing else "")
     logger.info("loaded weights from %s", path)
-
-
-def pick_weights(work_dir: Path) -> Path:
-    """A work dir's ``final/`` export, else its best checkpoint, else its newest one."""
-    if (work_dir / FINAL_DIR / "config.json").is_file():
-        return work_dir / FINAL_DIR
-    best = sorted((p for p in work_dir.glob("best_*") if is_complete(p)), key=lambda p: p.stat().st_mtime)
-    if best:
-        return best[-1]
-    latest = latest_checkpoint(work_dir)
-    if latest is None:
-        raise ConfigError(f"{work_dir} holds no final/ export and no complete checkpoint", key="CHECKPOINT")
-    return latest

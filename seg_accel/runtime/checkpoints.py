@@ -1,5 +1,5 @@
 """The checkpoint folder format, as every command reads it: the file names, which folders are
-complete saves, and finding them (newest, periodic). Writing and resuming is the trainer's
+complete saves, finding them (newest, periodic) and the weights a work dir offers. Writing and resuming is the trainer's
 (``seg_accel.engine.checkpoint``)."""
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import re
 from pathlib import Path
 
+from seg_accel.errors import ConfigError
 from seg_accel.runtime.manifest import MANIFEST
+from seg_accel.runtime.workdir import FINAL_DIR
 
 META = "meta.json"
 RUNNER_STATE = "runner_state.json"
@@ -46,3 +48,16 @@ def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint (by its saved iteration), ``best_*`` included."""
     found = complete_checkpoints(folder)
     return max(found, key=checkpoint_age) if found else None
+
+
+def pick_weights(work_dir: Path) -> Path:
+    """A work dir's ``final/`` export, else its best checkpoint, else its newest one."""
+    if (work_dir / FINAL_DIR / "config.json").is_file():
+        return work_dir / FINAL_DIR
+    best = sorted((p for p in work_dir.glob("best_*") if is_complete(p)), key=lambda p: p.stat().st_mtime)
+    if best:
+        return best[-1]
+    latest = latest_checkpoint(work_dir)
+    if latest is None:
+        raise ConfigError(f"{work_dir} holds no final/ export and no complete checkpoint", key="CHECKPOINT")
+    return latest

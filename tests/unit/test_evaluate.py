@@ -168,3 +168,32 @@ def test_checkpoint_errors(tmp_path, capsys):
     save_tiny_model(tmp_path / "two_classes", classes=("a", "b"))
     assert evaluate_cli([str(path), str(tmp_path / "two_classes")]) == 2
     assert "the model has 2 output classes but the data defines 4" in capsys.readouterr().err
+
+
+def test_show_dir_panels_with_the_image_first_and_enlarged(tmp_path):
+    """--show-image puts the image itself before the prediction and the ground truth; --show-scale
+    enlarges every panel by whole pixels (each pixel a block), the labels unchanged."""
+    from PIL import Image
+
+    from seg_accel.data import build_dataset
+    from seg_accel.inference.reports import Overlays
+
+    dataset = build_dataset({"type": "SyntheticShapes", "num_samples": 2, "img_size": [40, 64], "seed": 3},
+                            "data.val", 255, False)
+    img, label = dataset.load(1)
+    pred = torch.as_tensor(label.astype(np.int64))[None]
+    batch = {"indices": torch.tensor([1]), "labels": torch.as_tensor(label.astype(np.int64))[None]}
+    for image, scale, panels in ((False, 1, 2), (True, 1, 3), (True, 3, 3)):
+        out = tmp_path / f"{image}_{scale}"
+        Overlays(dataset, out, 0.5, 255, image=image, scale=scale)(batch, pred)
+        panel = np.asarray(Image.open(out / f"{dataset.sample_name(1)}.png").convert("RGB"))
+        assert panel.shape[1] == panels * 64 * scale + 4 * (panels - 1), (image, scale, panel.shape)
+        top = panel[16:16 + 40 * scale, :64 * scale]  # under the 16-pixel header: the first panel
+        expected = np.repeat(np.repeat(img, scale, 0), scale, 1)
+        if image:
+            assert np.array_equal(top, expected)
+        else:
+            assert not np.array_equal(top, expected)  # the prediction blended over it
+    from seg_accel.cli import evaluate_cli
+
+    assert evaluate_cli(["configs/demo/segformer_synthetic.yaml", str(tmp_path), "--show-scale", "0"]) == 2

@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "seg_accel"
 # lower layers first; a module may import from its own layer's package and from lower layers
-LAYERS = [["errors", "threads", "version"], ["config"], ["registry"], ["data", "losses", "metrics", "optim", "runtime"],
+LAYERS = [["errors", "threads", "version", "logits"], ["config"], ["registry"], ["data", "losses", "metrics", "optim", "runtime"],
           ["models"], ["validate"], ["inference"], ["engine"], ["hub"], ["cli", "train", "evaluate", "predict", "__main__"]]
 
 
