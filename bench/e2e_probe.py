@@ -28,14 +28,16 @@ class E2EProbe(Hook):
 
     def write(self, runner) -> None:
         import numpy as np
+        import yaml
 
         if not runner.accelerator.is_main_process:
             return
+        config = yaml.safe_load((runner.work_dir / "config.yaml").read_text())  # the run's resolved config
         results = json.loads((runner.work_dir / "eval_results.json").read_text())
         times = np.diff(self.starts)
         with open(self.out, "w") as f:
             json.dump({"loop": "seg-accel", "processes": runner.accelerator.num_processes, "iters": runner.iter,
-                       "batch_per_process": runner.cfg.data.samples_per_gpu, "first_iteration": self.starts[0],
+                       "batch_per_process": config["data"]["samples_per_gpu"], "first_iteration": self.starts[0],
                        "train_seconds": self.starts[-1] - self.starts[0],
                        "iteration_seconds_median": float(np.median(times[5:])),
                        "eval_seconds": results["seconds"], "miou": results["metrics"]["mIoU"],

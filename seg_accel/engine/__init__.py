@@ -1,4 +1,5 @@
-"""Training and evaluation engine: the loop, its hooks and the components they call.
+"""Training: the loop, its hooks, the read-only view hooks get, checkpoints, the run log and the
+exports (running a trained model is ``seg_accel.inference``).
 
 ``Trainer`` is imported on first use, so that a command that fails on its config
 (``seg_accel.validate``) never loads the model libraries."""

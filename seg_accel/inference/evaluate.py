@@ -78,7 +78,7 @@ def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metr
             plots.append(save_per_image_csv(out.with_name(out.stem + "_per_image.csv"), results["per_image"], dataset))
         logger.info("wrote %s, %s", out, ", ".join(str(p) for p in plots))
         if show_dir is not None:
-            logger.info("overlays (prediction | ground truth) in %s", show_dir)
+            logger.info("overlays (%sprediction | ground truth) in %s", "image | " if show_image else "", show_dir)
     acc.wait_for_everyone()
     acc.end_training()  # the process group destroyed: a clean exit under a launcher
     return results
