@@ -323,3 +323,49 @@ def test_no_hook_receives_the_trainer(tmp_path, fresh_accelerate, monkeypatch):
         with pytest.raises(AttributeError, match="read-only"):
             setattr(runner, name, 0)
     assert trainer.iter == 4
+
+
+GRADIENT_HOOKS = textwrap.dedent("""
+    import torch
+
+    from seg_accel.engine.hooks import Hook
+    from seg_accel.registry import HOOKS
+
+    SEEN = []
+
+
+    @HOOKS.register()
+    class GradientProbe(Hook):
+        \"\"\"After each iteration: whether gradients are there, and a copy of one weight.\"\"\"
+
+        def __init__(self, tag: str):
+            self.tag = tag
+
+        def after_train_iter(self, runner):
+            weight = next(p for p in runner.model.parameters() if p.requires_grad)
+            SEEN.append((self.tag, runner.iter, weight.grad is not None and bool(weight.grad.abs().sum() > 0),
+                         weight.detach().clone()))
+""")
+
+
+def test_a_custom_hook_at_30_sees_the_gradients_before_the_step_and_at_45_the_stepped_weights(
+        tmp_path, monkeypatch, fresh_accelerate):
+    (tmp_path / "gradient_hooks.py").write_text(GRADIENT_HOOKS)
+    monkeypatch.chdir(tmp_path)
+    try:
+        cfg = tiny_config(custom_imports={"imports": ["gradient_hooks"]},
+                          custom_hooks=[{"type": "GradientProbe", "tag": "at 45", "priority": 45},
+                                        {"type": "GradientProbe", "tag": "at 30", "priority": 30}])
+        cfg["data"]["val"] = None
+        make_trainer(tmp_path, cfg)[0].train()
+        import gradient_hooks
+
+        seen = {(tag, i): (has_grad, weight) for tag, i, has_grad, weight in gradient_hooks.SEEN}
+        for i in range(1, 5):
+            before, after = seen[("at 30", i)], seen[("at 45", i)]
+            assert before[0] and not after[0]  # gradients before the step; zeroed (set to None) after it
+            assert not torch.equal(before[1], after[1])  # the optimizer stepped in between
+            if i > 1:
+                assert torch.equal(seen[("at 45", i - 1)][1], before[1])  # nothing else moves the weights
+    finally:
+        sys.modules.pop("gradient_hooks", None)
