@@ -53,6 +53,11 @@ class StorageError(TrainingError):
     folder); the message names the file and what was being written."""
 
 
+class UntrustedExportError(ImportError):
+    """An export (a folder or Hub repo: data from elsewhere) names code to run that is not
+    registered here; loading it needs the user's opt-in (``trust_remote_code``)."""
+
+
 class DataError(Exception):
     """A problem with a sample or a dataset on disk (names the dataset, index and file)."""
 

@@ -84,6 +84,12 @@ class Registry:
             names.update(self._extra_names())
         return sorted(names)
 
+    def registered(self, name: str) -> Any | None:
+        """The entry registered as ``name``, or None: nothing is imported or looked up elsewhere
+        (what a file from outside, such as an export's config.json, may name)."""
+        self._load_builtins()
+        return self._entries.get(name)
+
     def get(self, name: Any, key: str | None = None) -> Any:
         """The class registered as ``name`` (or found at the dotted path ``name``)."""
         self._load_builtins()

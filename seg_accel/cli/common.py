@@ -95,6 +95,10 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     launch.add_argument("--main-process-port", type=int, help="port of the main process (default: a free one)")
 
 
+TRUST_HELP = ("load an export whose config.json names code to import (a module export whose class is not "
+              "registered here, a transformers model with custom code): only for exports you trust")
+
+
 def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cfg-options",

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from seg_accel.cli.common import add_launch_arguments, add_option_arguments, resolve_config, run_cli
+from seg_accel.cli.common import TRUST_HELP, add_launch_arguments, add_option_arguments, resolve_config, run_cli
 from seg_accel.runtime.checkpoints import pick_weights
 from seg_accel.errors import ConfigError
 
@@ -42,6 +42,7 @@ def evaluate_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                       "scored); the confusion-matrix and IoU charts go beside it")
     parser.add_argument("--show-dir", help="write an overlay (prediction | ground truth) per image here")
     parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity in [0, 1]")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     parser.add_argument("--show-image", action="store_true",
                         help="--show-dir panels start with the image itself (image | prediction | ground truth)")
     parser.add_argument("--show-scale", type=int, default=1,
@@ -113,7 +114,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     with cfg.errors_located():
         evaluate_checkpoint(train_cfg, cfg, weights, args.metrics, args.aug_test, out,
                             Path(args.show_dir) if args.show_dir else None, args.opacity, args.threshold_sweep,
-                            args.per_image, args.show_image, args.show_scale)
+                            args.per_image, args.show_image, args.show_scale, args.trust_remote_code)
     return 0
 
 
@@ -126,7 +127,8 @@ def _launch(args: argparse.Namespace, config: str, weights: str) -> int:
         if value is not None:
             argv += [flag, value]
     for flag, on in (("--aug-test", args.aug_test), ("--threshold-sweep", args.threshold_sweep),
-                     ("--per-image", args.per_image), ("--show-image", args.show_image)):
+                     ("--per-image", args.per_image), ("--show-image", args.show_image),
+                     ("--trust-remote-code", args.trust_remote_code)):
         if on:
             argv.append(flag)
     if args.cfg_options:

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from seg_accel.cli.common import run_cli
+from seg_accel.cli.common import TRUST_HELP, run_cli
 from seg_accel.errors import ConfigError
 
 
@@ -26,6 +26,7 @@ def export_onnx_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="images (files, folders, globs) for the parity check (default: 4 random images)")
     parser.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
                         help="torch.onnx's exporter (default dynamo, torch.export based)")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -57,7 +58,8 @@ def _export(args: argparse.Namespace) -> int:
     require_onnxruntime()
     setup_logging(None, True)
     export_with_parity(export_source(args.source), args.out, args.opset, args.dynamic,
-                       tuple(args.size) if args.size else None, args.check, exporter=args.exporter)
+                       tuple(args.size) if args.size else None, args.check, exporter=args.exporter,
+                       trust_remote_code=args.trust_remote_code)
     return 0
 
 

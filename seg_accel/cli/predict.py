@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from seg_accel.cli.common import add_launch_arguments, add_option_arguments, resolve_config, run_cli
+from seg_accel.cli.common import TRUST_HELP, add_launch_arguments, add_option_arguments, resolve_config, run_cli
 from seg_accel.errors import ConfigError
 
 
@@ -38,6 +38,7 @@ def predict_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", default="auto",
                         help="images per batch and process (default auto: same-size images within a pixel budget)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     hub = parser.add_argument_group("images of a Hugging Face dataset split instead of INPUTS")
     hub.add_argument("--hub-dataset", metavar="PATH", help="a Hub dataset id or a local folder in Hub layout")
     hub.add_argument("--split", default="test", help="its split (default test)")
@@ -108,7 +109,8 @@ def _predict(args: argparse.Namespace) -> int:
     accelerator = Accelerator(cpu=multi_process_without_accelerator())
     setup_logging(None, accelerator.is_main_process)
     threads.apply(threads.decide(None, args.workers))
-    predictor = Predictor.load(source, weights, args.cfg_options or (), args.aug_test, accelerator.device)
+    predictor = Predictor.load(source, weights, args.cfg_options or (), args.aug_test, accelerator.device,
+                               trust_remote_code=args.trust_remote_code)
     written = predictor.run(inputs, args.out, probs=args.probs, probs_dtype=args.probs_dtype,
                             overlays=not args.no_overlays, opacity=args.opacity, accelerator=accelerator,
                             samples_per_gpu=batch, workers=args.workers,
@@ -133,7 +135,8 @@ def _launch(args: argparse.Namespace) -> int:
         argv += ["--hub-dataset", args.hub_dataset, "--split", args.split, "--image-column", args.image_column]
         if args.hub_config:
             argv += ["--hub-config", args.hub_config]
-    for flag, on in (("--no-overlays", args.no_overlays), ("--aug-test", args.aug_test)):
+    for flag, on in (("--no-overlays", args.no_overlays), ("--aug-test", args.aug_test),
+                     ("--trust-remote-code", args.trust_remote_code)):
         if on:
             argv.append(flag)
     if args.cfg_options:

@@ -28,7 +28,8 @@ logger = logging.getLogger("seg_accel")
 
 def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metrics: list[str], aug_test: bool,
                         out: Path, show_dir: Path | None = None, opacity: float = 0.5, sweep: bool = False,
-                        per_image: bool = False, show_image: bool = False, show_scale: int = 1) -> dict[str, Any]:
+                        per_image: bool = False, show_image: bool = False, show_scale: int = 1,
+                        trust_remote_code: bool = False) -> dict[str, Any]:
     """Score ``checkpoint``; print the table; write ``out`` (JSON), its charts and with
     ``per_image`` ``<out stem>_per_image.csv`` (main process)."""
     acc, _ = build_accelerator(cfg, training=False)
@@ -36,7 +37,8 @@ def evaluate_checkpoint(cfg: TrainConfig, raw_cfg: Config, checkpoint: str, metr
     split = check_split(cfg)
     threads.apply(threads.decide(cfg.torch_threads, cfg.data.loader(split)[1]))
     dataset, loader = build_eval_loader(cfg, split, acc)
-    model = load_model(checkpoint, model_cfg=cfg.model, classes=list(cfg.classes)).to(acc.device).eval()
+    model = load_model(checkpoint, model_cfg=cfg.model, classes=list(cfg.classes),
+                       trust_remote_code=trust_remote_code).to(acc.device).eval()
     if (note := keep_norms_fp32_if_cpu_bf16(model, acc)) is not None:  # as training evaluated it
         logger.info("%s", note)
     inferencer = build_inferencer(cfg, acc, aug_test)

@@ -135,7 +135,7 @@ def parity(model: torch.nn.Module, onnx_file: str | os.PathLike, batches: Sequen
 
 def export_with_parity(source: str, out: str | os.PathLike, opset: int = DEFAULT_OPSET, dynamic: bool = False,
                        size: tuple[int, int] | None = None, check: Sequence[str] = (), samples: int = 4,
-                       exporter: str = "dynamo") -> ParityReport:
+                       exporter: str = "dynamo", trust_remote_code: bool = False) -> ParityReport:
     """Load an export (folder or Hub id), write ``out`` and check it on ``check`` images (files,
     folders, globs) or ``samples`` random images. Raises when the argmax agreement is below
     ``MIN_AGREEMENT``."""
@@ -143,7 +143,7 @@ def export_with_parity(source: str, out: str | os.PathLike, opset: int = DEFAULT
     from seg_accel.version import __version__
     from seg_accel.inference.predict import Predictor, collect_inputs
 
-    predictor = Predictor.from_export(source)
+    predictor = Predictor.from_export(source, trust_remote_code=trust_remote_code)
     settings = _processor_size(predictor)
     size = size or settings or (512, 512)
     metadata = {"seg_accel_version": __version__, "classes": json.dumps(predictor.classes),

@@ -113,7 +113,8 @@ class Predictor:
     # -- construction -----------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: str | os.PathLike, weights: str, cfg_options: Sequence[str] = (),
-                    aug_test: bool = False, device: str | torch.device | None = None) -> Predictor:
+                    aug_test: bool = False, device: str | torch.device | None = None,
+                    trust_remote_code: bool = False) -> Predictor:
         """A training config (its test pipeline, ``model.test_cfg``, classes, palette) and the
         weights: a checkpoint folder, an export folder or a Hub id."""
         from seg_accel.config import load_config
@@ -121,17 +122,20 @@ class Predictor:
 
         raw = load_config(str(config), list(cfg_options))
         cfg = validate_train_config(raw)
-        return cls.from_train_config(cfg, weights, aug_test=aug_test, device=device)
+        return cls.from_train_config(cfg, weights, aug_test=aug_test, device=device,
+                                     trust_remote_code=trust_remote_code)
 
     @classmethod
     def from_train_config(cls, cfg: Any, weights: str, aug_test: bool = False,
-                          device: str | torch.device | None = None, autocast: Any = None) -> Predictor:
+                          device: str | torch.device | None = None, autocast: Any = None,
+                          trust_remote_code: bool = False) -> Predictor:
         import dataclasses
 
         from seg_accel.inference.inferencer import DEFAULT_AUG_RATIOS
         from seg_accel.models import load_model
 
-        model = load_model(str(weights), model_cfg=cfg.model, classes=list(cfg.classes))
+        model = load_model(str(weights), model_cfg=cfg.model, classes=list(cfg.classes),
+                           trust_remote_code=trust_remote_code)
         test_cfg = cfg.model.test_cfg
         if aug_test:
             test_cfg = dataclasses.replace(test_cfg, img_ratios=test_cfg.img_ratios or list(DEFAULT_AUG_RATIOS),
@@ -143,14 +147,15 @@ class Predictor:
 
     @classmethod
     def from_export(cls, source: str | os.PathLike, device: str | torch.device | None = None,
-                    threshold: float | None = None) -> Predictor:
+                    threshold: float | None = None, trust_remote_code: bool = False) -> Predictor:
         """An export folder or Hub id alone: classes from its ``id2label``, the pipeline from its
-        image processor, whole-image inference."""
+        image processor, whole-image inference. Nothing the export names is imported unless
+        ``trust_remote_code``."""
         from seg_accel.models import load_model, resolve_export
 
         try:
             folder = resolve_export(source)
-            model = load_model(folder)
+            model = load_model(folder, trust_remote_code=trust_remote_code)
         except (OSError, ImportError, ValueError) as exc:
             raise ConfigError(f"cannot load the model: {exc}", key="SOURCE") from exc
         config = json.loads((folder / "config.json").read_text())
@@ -164,7 +169,8 @@ class Predictor:
 
     @classmethod
     def load(cls, source: str | os.PathLike, weights: str | None = None, cfg_options: Sequence[str] = (),
-             aug_test: bool = False, device: str | torch.device | None = None) -> Predictor:
+             aug_test: bool = False, device: str | torch.device | None = None,
+             trust_remote_code: bool = False) -> Predictor:
         """``source``: a config (then ``weights`` is required), a work dir (its config and final
         export, else best/newest checkpoint) or an export folder / Hub id."""
         from seg_accel.runtime.checkpoints import pick_weights
@@ -173,15 +179,15 @@ class Predictor:
         path = Path(source)
         if path.is_dir() and (path / CONFIG_FILE).is_file():
             return cls.from_config(path / CONFIG_FILE, weights or str(pick_weights(path)), cfg_options, aug_test,
-                                   device)
+                                   device, trust_remote_code)
         if is_config_source(str(source)):
             if weights is None:
                 raise ConfigError(f"{source} is a config: give the checkpoint or export to predict with too",
                                   key="CHECKPOINT")
-            return cls.from_config(source, weights, cfg_options, aug_test, device)
+            return cls.from_config(source, weights, cfg_options, aug_test, device, trust_remote_code)
         if weights is not None:
             raise ConfigError(f"{source} is an export: it holds its own weights (no CHECKPOINT)", key="CHECKPOINT")
-        return cls.from_export(source, device)
+        return cls.from_export(source, device, trust_remote_code=trust_remote_code)
 
     # -- prediction -------------------------------------------------------------------------
     def prepare(self, image: Any) -> torch.Tensor:

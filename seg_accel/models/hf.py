@@ -334,8 +334,9 @@ class TransformersFamily(ModelFamily):
                state_dict: dict[str, torch.Tensor] | None = None) -> None:
         model.save_pretrained(folder, state_dict=state_dict)
 
-    def load_export(self, folder: Path, config: dict[str, Any]) -> nn.Module:
-        return auto_class().from_pretrained(folder)
+    def load_export(self, folder: Path, config: dict[str, Any], trust_remote_code: bool = False) -> nn.Module:
+        # transformers guards code named by a config (auto_map) behind the same switch
+        return auto_class().from_pretrained(folder, trust_remote_code=trust_remote_code)
 
     def export_state_dict(self, folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Loaded through transformers, which maps the checkpoint's key names to the model's."""

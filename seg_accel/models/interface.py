@@ -165,8 +165,10 @@ class ModelFamily:
         which ``load_export`` rebuilds the model into ``folder``."""
         raise NotImplementedError
 
-    def load_export(self, folder: Path, config: dict[str, Any]) -> nn.Module:
-        """The model of an export folder this family wrote (``config``: its ``config.json``)."""
+    def load_export(self, folder: Path, config: dict[str, Any], trust_remote_code: bool = False) -> nn.Module:
+        """The model of an export folder this family wrote (``config``: its ``config.json``). An
+        export is data from elsewhere: nothing it names may be imported or called unless
+        ``trust_remote_code`` (the user's opt-in)."""
         raise NotImplementedError
 
     def export_state_dict(self, folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from seg_accel.errors import ConfigError
+from seg_accel.errors import ConfigError, UntrustedExportError
 from seg_accel.models.builder import build_model
 from seg_accel.models.families import attach_family, family_of_export, family_of_model
 from seg_accel.models.interface import EXPORT_CONFIG
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from seg_accel.config.schema import ModelConfig
 
 logger = logging.getLogger("seg_accel")
+
+MAX_EXPORT_CONFIG_BYTES = 16 * 1024 * 1024  # a config.json is kilobytes; a crafted one gets no more
 
 
 def resolve_export(source: str | os.PathLike) -> Path:
@@ -39,26 +41,45 @@ def resolve_export(source: str | os.PathLike) -> Path:
     return Path(snapshot_download(text))
 
 
-def load_export(source: str | os.PathLike) -> nn.Module:
+def read_export_config(folder: Path) -> dict[str, Any]:
+    """An export's ``config.json`` (a JSON object of at most ``MAX_EXPORT_CONFIG_BYTES``)."""
+    file = folder / EXPORT_CONFIG
+    if file.stat().st_size > MAX_EXPORT_CONFIG_BYTES:
+        raise ValueError(f"{file} is {file.stat().st_size:,} bytes: not an export's config (at most "
+                         f"{MAX_EXPORT_CONFIG_BYTES:,})")
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds {type(config).__name__}, not a JSON object")
+    return config
+
+
+def load_export(source: str | os.PathLike, trust_remote_code: bool = False) -> nn.Module:
     """Any seg-accel export (a ``final/`` folder, a checkpoint's ``pretrained/``, or a Hub repo it
-    was pushed to), rebuilt by the family that wrote it."""
+    was pushed to), rebuilt by the family that wrote it. Nothing its files name is imported or
+    called unless ``trust_remote_code``."""
     folder = resolve_export(source)
-    config = json.loads((folder / EXPORT_CONFIG).read_text())
+    config = read_export_config(folder)
     family = family_of_export(config, folder)
-    return attach_family(family.load_export(folder, config), family)
+    return attach_family(family.load_export(folder, config, trust_remote_code=trust_remote_code), family)
 
 
 def load_model(source: str | os.PathLike, model_cfg: ModelConfig | None = None, classes: list[str] | None = None,
-               key: str = "CHECKPOINT") -> nn.Module:
+               key: str = "CHECKPOINT", trust_remote_code: bool = False) -> nn.Module:
     """Load a model from disk or the Hub: any seg-accel export (a ``final/`` folder, a
     checkpoint's ``pretrained/``, or a Hub repo id it was pushed to), rebuilt by its family.
+    An export is data: a module export's class must be registered here (import the module
+    that registers it); ``trust_remote_code=True`` lets the export name the code to import
+    (only for exports you trust), as transformers' switch of the same name.
 
     With ``model_cfg`` (the evaluate command, predict from a config) ``source`` may also be a
     training checkpoint (the architecture from ``model_cfg``, every tensor must fit), every
     failure is a ``ConfigError`` naming ``key``, and with ``classes`` the model's outputs must
     fit the data's classes."""
     if model_cfg is None:
-        return load_export(source)
+        return load_export(source, trust_remote_code)
     path = Path(source)
     if (path / META).is_file():
         model = build_model(model_cfg, list(classes or []))
@@ -66,7 +87,9 @@ def load_model(source: str | os.PathLike, model_cfg: ModelConfig | None = None, 
         return model
     text = str(source)
     try:
-        model = load_export(source)
+        model = load_export(source, trust_remote_code)
+    except UntrustedExportError as exc:
+        raise ConfigError(str(exc), key=key) from exc
     except (OSError, ImportError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         if path.exists() or text.startswith((".", "/")) or text.count("/") > 1:
@@ -126,7 +149,7 @@ def load_weights(model: Any, path: Path, key: str = "load_from", strict: bool = 
     config_file = path / EXPORT_CONFIG if path.is_dir() else None
     if config_file is not None and config_file.is_file() and not (path / META).is_file():
         # an export: its family gives its weights under the model's names
-        config = json.loads(config_file.read_text())
+        config = read_export_config(path)
         state = family_of_export(config, path).export_state_dict(path, config)
     else:  # an Accelerate checkpoint or a file: the model's own state dict
         state = {}

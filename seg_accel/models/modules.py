@@ -121,8 +121,8 @@ class ModuleFamily(ModelFamily):
                   "label2id": label2id, "seg_accel_version": __version__}
         (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
 
-    def load_export(self, folder: Path, config: dict[str, Any]) -> nn.Module:
-        return load_module_export(folder, config)
+    def load_export(self, folder: Path, config: dict[str, Any], trust_remote_code: bool = False) -> nn.Module:
+        return load_module_export(folder, config, trust_remote_code)
 
     def describe_export(self, config: dict[str, Any]) -> dict[str, str]:
         kind = str(config[EXPORT_KEY]["type"])
@@ -130,9 +130,11 @@ class ModuleFamily(ModelFamily):
 
     def usage(self, repo_or_folder: str, config: dict[str, Any]) -> list[str]:
         spec = config[EXPORT_KEY]
+        module = spec["import_path"].rpartition(".")[0]
         return [f"A `{spec['type']}` (`{spec['import_path']}`) exported by seg-accel: its weights and a `config.json` "
-                "naming the class and its options. With that class importable (its module on the Python path):", "",
-                "```python", "import torch", "", "import seg_accel", "",
+                "naming the class and its options. With that class's module importable (on the Python path), import "
+                "it (it registers the class) and load:", "",
+                "```python", "import torch", "", f"import {module}  # registers {spec['type']}", "import seg_accel", "",
                 f'model = seg_accel.load_model("{repo_or_folder}").eval()',
                 "with torch.no_grad():",
                 "    logits = model(pixel_values)  # (N, 3, H, W), normalised as preprocessor_config.json says",
@@ -155,17 +157,51 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_module_export(folder: Path, config: dict) -> nn.Module:
-    """Rebuild a module export: import its class, construct it, load its weights (all must match)."""
+MAX_EXPORT_CLASSES = 10_000  # an export's num_classes sizes its head: a crafted file gets no more
+
+
+def load_module_export(folder: Path, config: dict, trust_remote_code: bool = False) -> nn.Module:
+    """Rebuild a module export: its class, constructed with its options, its weights (all must
+    match). An export is data: by default its class must be registered in ``MODELS`` here (under
+    the export's type, at the export's import path) and its options fit the constructor's
+    signature; nothing the file names is imported. ``trust_remote_code`` imports the class from
+    the export's ``import_path`` (only for exports you trust)."""
     from safetensors.torch import load_file
 
+    from seg_accel.errors import UntrustedExportError
+    from seg_accel.registry import MODELS
+
     spec = config[EXPORT_KEY]
-    try:
-        model_cls = import_object(spec["import_path"])
-    except (ImportError, AttributeError) as exc:
-        raise ImportError(f"the export in {folder} is a {spec['type']} ({spec['import_path']}), which cannot be "
-                          f"imported here: {exc}. Put its module on the Python path") from exc
-    model = model_cls(num_classes=config["num_classes"], **spec.get("options", {}))
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or \
+            not isinstance(spec.get("import_path"), str) or not isinstance(spec.get("options", {}), dict):
+        raise ValueError(f"{folder}/config.json: {EXPORT_KEY} must hold 'type', 'import_path' and 'options'")
+    outputs = config.get("num_classes")
+    if not isinstance(outputs, int) or isinstance(outputs, bool) or not 1 <= outputs <= MAX_EXPORT_CLASSES:
+        raise ValueError(f"{folder}/config.json: num_classes must be an integer from 1 to {MAX_EXPORT_CLASSES}, "
+                         f"got {outputs!r}")
+    options = dict(spec.get("options", {}))
+    if trust_remote_code:
+        try:
+            model_cls = import_object(spec["import_path"])
+        except (ImportError, AttributeError) as exc:
+            raise ImportError(f"the export in {folder} is a {spec['type']} ({spec['import_path']}), which cannot be "
+                              f"imported here: {exc}. Put its module on the Python path") from exc
+    else:
+        model_cls = MODELS.registered(spec["type"])
+        if model_cls is None or import_path(model_cls) != spec["import_path"]:
+            here = f" (here '{spec['type']}' is {import_path(model_cls)})" if model_cls is not None else ""
+            raise UntrustedExportError(
+                f"the export in {folder} is a {spec['type']} ({spec['import_path']}), which is not a model registered "
+                f"here{here}: import the module that registers it first (e.g. import "
+                f"{spec['import_path'].rpartition('.')[0]}), or, if you trust this export, load it with "
+                "trust_remote_code=True (--trust-remote-code): its config.json then names code to import and run")
+        try:
+            MODELS.check({"type": spec["type"], **options}, f"{EXPORT_KEY}.options")
+        except ConfigError as exc:
+            raise ValueError(f"{folder}/config.json does not fit {spec['type']}: {exc}") from exc
+    model = model_cls(num_classes=outputs, **options)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{folder}: {spec['import_path']} returned {type(model).__name__}, not a torch.nn.Module")
     model.seg_accel_spec = dict(spec)
     model.load_state_dict(load_file(str(folder / EXPORT_WEIGHTS)), strict=True)
     return model

@@ -88,7 +88,7 @@ class ToyFamily(ModelFamily):
                   "id2label": {str(i): name for i, name in enumerate(classes)}}
         (folder / "config.json").write_text(json.dumps(config))
 
-    def load_export(self, folder: Path, config: dict[str, Any]) -> nn.Module:
+    def load_export(self, folder: Path, config: dict[str, Any], trust_remote_code: bool = False) -> nn.Module:
         from safetensors.torch import load_file
 
         model = ToyNet(config["outputs"], **config["toy"])

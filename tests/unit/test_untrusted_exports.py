@@ -1,0 +1,223 @@
+"""An export is data (issue 23, finding 1): a module export's config.json names a class and
+options, and loading it must never import or call what a crafted file names unless the user
+opts in (``trust_remote_code``). Each crafted export writes a marker file if its payload runs;
+it is loaded through ``seg_accel.load_model``, ``seg-accel predict``, ``seg-accel evaluate``,
+``seg-accel export-onnx`` and a Hub repo id."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, script_env, tiny_config, write_yaml
+
+CLASSES = ["background", "circle", "square", "triangle"]
+
+USER_NET = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    from seg_accel.registry import MODELS
+
+
+    @MODELS.register()
+    class UserNet(nn.Module):
+        def __init__(self, num_classes: int, width: int = 4):
+            super().__init__()
+            self.num_classes = num_classes
+            self.body = nn.Conv2d(3, width, 3, stride=2, padding=1)
+            self.head = nn.Conv2d(width, num_classes, 1)
+
+        def forward(self, pixel_values):
+            return self.head(torch.relu(self.body(pixel_values)))
+""")
+
+HUBCONF = textwrap.dedent("""
+    from pathlib import Path
+
+    Path({marker!r}).write_text("hubconf ran")
+
+
+    def payload(**kwargs):
+        import torch
+        return torch.nn.Conv2d(3, 4, 1)
+""")
+
+BESIDE = textwrap.dedent("""
+    from pathlib import Path
+
+    import torch
+
+    Path({marker!r}).write_text("the module beside the export ran")
+
+
+    class EvilNet(torch.nn.Conv2d):
+        def __init__(self, num_classes, **kwargs):
+            super().__init__(3, num_classes, 1)
+""")
+
+
+def user_export(tmp_path: Path) -> Path:
+    """A legitimate module export of UserNet (its module in tmp_path/user, imported here)."""
+    from seg_accel.config.schema import ModelConfig
+    from seg_accel.config.types import parse_section
+    from seg_accel.models import build_model, export_model
+
+    user = tmp_path / "user"
+    user.mkdir(exist_ok=True)
+    (user / "user_net.py").write_text(USER_NET)
+    sys.path.insert(0, str(user))
+    try:
+        import user_net  # noqa: F401  (registers UserNet)
+
+        model = build_model(parse_section({"type": "UserNet", "width": 4}, ModelConfig, "model"), CLASSES)
+        folder = tmp_path / "export"
+        export_model(model, folder, CLASSES)
+    finally:
+        sys.path.remove(str(user))
+        sys.modules.pop("user_net", None)
+        from seg_accel.registry import MODELS
+
+        MODELS._entries.pop("UserNet", None)  # as in a fresh process that never imported user_net
+    return folder
+
+
+def crafted(tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    """(export folder, marker file): a module export whose config.json names a payload."""
+    folder = user_export(tmp_path)
+    marker = tmp_path / f"{kind}.ran"
+    config = json.loads((folder / "config.json").read_text())
+    if kind == "hubconf":
+        evil = tmp_path / "evil_repo"
+        evil.mkdir()
+        (evil / "hubconf.py").write_text(HUBCONF.format(marker=str(marker)))
+        spec = {"import_path": "torch.hub.load", "type": "load",
+                "options": {"repo_or_dir": str(evil), "model": "payload", "source": "local", "trust_repo": True}}
+    elif kind == "os_system":
+        spec = {"import_path": "os.system", "type": "system", "options": {"command": f"touch {marker}"}}
+    else:  # a module dropped beside the export, found when the current folder is on the path
+        (folder / "evil_net.py").write_text(BESIDE.format(marker=str(marker)))
+        spec = {"import_path": "evil_net.EvilNet", "type": "EvilNet", "options": {}}
+    config["seg_accel_model"] = spec
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, marker
+
+
+KINDS = ["hubconf", "os_system", "beside"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_crafted_export_never_runs_through_load_model(tmp_path, kind, monkeypatch):
+    import seg_accel
+    from seg_accel.errors import UntrustedExportError
+
+    folder, marker = crafted(tmp_path, kind)
+    monkeypatch.chdir(folder)  # the folder of a dropped module on the path
+    monkeypatch.syspath_prepend(str(folder))
+    with pytest.raises(UntrustedExportError, match="trust_remote_code=True"):
+        seg_accel.load_model(folder)
+    assert not marker.exists()
+    assert "evil_net" not in sys.modules
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_crafted_export_never_runs_through_the_commands(tmp_path, kind, monkeypatch, capsys):
+    from seg_accel.cli import evaluate_cli, export_onnx_cli, predict_cli
+
+    folder, marker = crafted(tmp_path, kind)
+    image = tmp_path / "image.png"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
+    config = write_yaml(tmp_path / "exp.yaml", tiny_config())
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    for command, argv in ((predict_cli, [str(folder), str(image), "--out", str(tmp_path / "out")]),
+                          (evaluate_cli, [str(config), str(folder)]),
+                          (export_onnx_cli, [str(folder), "--out", str(tmp_path / "model.onnx")])):
+        assert command(argv) == 2, command
+        err = [line for line in capsys.readouterr().err.splitlines() if line]
+        assert len(err) == 1 and err[0].startswith("error: ") and "--trust-remote-code" in err[0], (command, err)
+        assert not marker.exists(), command
+    assert not (tmp_path / "out").exists() and not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_crafted_export_on_the_hub_never_runs(tmp_path, kind, hub_server, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    import seg_accel
+    from seg_accel.cli import predict_cli
+    from seg_accel.errors import UntrustedExportError
+
+    folder, marker = crafted(tmp_path, kind)
+    repo_id = f"tester/crafted-{kind.replace('_', '-')}"
+    api = HfApi()
+    api.create_repo(repo_id)
+    api.upload_folder(repo_id=repo_id, folder_path=folder)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UntrustedExportError):
+        seg_accel.load_model(repo_id)
+    image = tmp_path / "image.png"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
+    assert predict_cli([repo_id, str(image), "--out", str(tmp_path / "out")]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_a_user_module_export_loads_when_registered_or_trusted_and_only_then(tmp_path):
+    folder = user_export(tmp_path)
+    image = tmp_path / "image.png"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
+    env = script_env(PYTHONPATH=str(tmp_path / "user"))
+
+    def python(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    load = f"import seg_accel; m = seg_accel.load_model({str(folder)!r}{{}}); print(type(m).__name__, m.num_classes)"
+    refused = python(load.format(""))
+    assert refused.returncode != 0 and "UntrustedExportError" in refused.stderr
+    assert "import user_net" in refused.stderr  # what to do: import the module that registers it
+    registered = python("import user_net; " + load.format(""))
+    trusted = python(load.format(", trust_remote_code=True"))
+    assert registered.stdout.split() == trusted.stdout.split() == ["UserNet", "4"], registered.stderr + trusted.stderr
+    predicted = subprocess.run([sys.executable, "-m", "seg_accel", "predict", str(folder), str(image), "--out",
+                                str(tmp_path / "out"), "--trust-remote-code"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert (tmp_path / "out" / "labels" / "image.png").is_file()
+
+
+def test_a_registered_name_with_other_options_or_another_class_is_refused(tmp_path):
+    import seg_accel
+    from seg_accel.errors import UntrustedExportError
+
+    folder = user_export(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    sys.path.insert(0, str(tmp_path / "user"))
+    try:
+        import user_net  # noqa: F401
+
+        bad_options = {**config, "seg_accel_model": {**config["seg_accel_model"], "options": {"colour": "red"}}}
+        (folder / "config.json").write_text(json.dumps(bad_options))
+        with pytest.raises(ValueError, match="has no option 'colour'"):
+            seg_accel.load_model(folder)
+        elsewhere = {**config, "seg_accel_model": {**config["seg_accel_model"], "import_path": "elsewhere.UserNet"}}
+        (folder / "config.json").write_text(json.dumps(elsewhere))
+        with pytest.raises(UntrustedExportError, match="here 'UserNet' is user_net.UserNet"):
+            seg_accel.load_model(folder)
+        for count in (0, 10**9, "4", True):
+            (folder / "config.json").write_text(json.dumps({**config, "num_classes": count}))
+            with pytest.raises(ValueError, match="num_classes must be an integer from 1 to 10000"):
+                seg_accel.load_model(folder)
+    finally:
+        sys.path.remove(str(tmp_path / "user"))
+        sys.modules.pop("user_net", None)
+        from seg_accel.registry import MODELS
+
+        MODELS._entries.pop("UserNet", None)
