@@ -61,6 +61,7 @@ from seg_accel.registry import HOOKS
 from seg_accel.runtime.workdir import CONFIG_FILE, EVAL_RESULTS, FINAL_DIR, RUN_INFO
 from seg_accel.runtime.accelerator import build_accelerator, pin_memory, quiet_libraries
 from seg_accel.runtime.console import setup_logging
+from seg_accel.runtime.lock import lock_work_dir
 from seg_accel.runtime.storage import write_text_atomic
 
 logger = logging.getLogger("seg_accel")
@@ -74,13 +75,18 @@ class Trainer:
         self.cfg, self.by_epoch = cfg, cfg.runner.by_epoch
         self.work_dir = Path(work_dir if work_dir is not None else cfg.work_dir)
         self.loop = LoopState()  # the counters: written by this loop alone (hooks get a read-only Runner)
+        self.lock = None
         logger_hooks = self._start(raw_cfg)
-        self._build_data()
-        model, group_table, notes = self._build_model_and_optimizer()
-        self._build_components()
-        self._build_hooks(logger_hooks)
-        self._resume(model)
-        self._build_train_loader()
+        try:
+            self._build_data()
+            model, group_table, notes = self._build_model_and_optimizer()
+            self._build_components()
+            self._build_hooks(logger_hooks)
+            self._resume(model)
+            self._build_train_loader()
+        except BaseException:
+            self.release_work_dir()
+            raise
         if self.accelerator.is_main_process:  # built, loaded and resumed: this config is now the work dir's
             write_text_atomic(self.work_dir / CONFIG_FILE, self._config_text)
         describe_run(cfg, self.accelerator, self.work_dir, model, self.train_set, self.val_set, self.train_loader,
@@ -101,7 +107,10 @@ class Trainer:
         if acc.is_main_process:
             self.work_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
+        self.lock = lock_work_dir(acc, self.work_dir)  # one run per work dir, before anything is written there
         timestamp = setup_logging(self.work_dir, acc.is_main_process)
+        if self.lock is not None and self.lock.note is not None:
+            logger.warning("%s", self.lock.note)
         self.json_log_path = self.work_dir / f"{timestamp}.log.json"
         self.threads = threads.decide(cfg.torch_threads, cfg.data.workers_per_gpu)
         threads.apply(self.threads)
@@ -253,6 +262,10 @@ class Trainer:
         stream = getattr(self.train_loader, "stream", None)
         self.epoch_log = EpochBookkeeping(acc.process_index, stream.plan if stream is not None else None)
 
+    def release_work_dir(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
     def register_hook(self, hook: Hook, priority: int | str | None = None) -> None:
         """Insert by priority (the hook's own by default); equal priorities keep registration order."""
         self.hooks.register(hook, priority)
@@ -367,6 +380,7 @@ class Trainer:
         self.call_hook("after_run")
         acc.wait_for_everyone()  # no process is inside a collective when the group goes away
         acc.end_training()  # trackers finished, the process group destroyed (a clean exit under a launcher)
+        self.release_work_dir()  # (a run that fails releases it when its process ends)
         return self.evaluator.latest if self.evaluator is not None else None
 
     @torch.no_grad()
