@@ -29,6 +29,7 @@ from seg_accel.data.transforms import build_pipeline
 from seg_accel.inference.inferencer import Inferencer
 from seg_accel.errors import ConfigError
 from seg_accel.metrics.palette import default_palette
+from seg_accel.runtime.storage import atomic_file
 from seg_accel.threads import one_thread
 
 logger = logging.getLogger("seg_accel")
@@ -265,14 +266,14 @@ class Predictor:
             logger.info("predicting %d image(s) on %d process(es) into %s (labels%s%s)", len(dataset), world, out_dir,
                         ", overlays" if overlays else "", f", probabilities as {probs}" if probs else "")
         written: list[Path] = []
-        bar = tqdm(total=len(dataset), desc="predict", disable=not (progress and main), dynamic_ncols=True)
-        for batch in loader:
-            labels, prob_maps = self.predict_batch(batch["pixel_values"], batch["labels"].shape[-2:])
-            for index, label, prob in zip(batch["indices"].tolist(), labels.cpu().numpy(), prob_maps.float().cpu()):
-                rgb, _ = dataset.read(index) if overlays else (None, None)
-                written.append(writer.write(names[index], label, prob.numpy(), rgb))
-            bar.update(len(labels) * world)  # the others advance alike
-        bar.close()
+        with tqdm(total=len(dataset), desc="predict", disable=not (progress and main), dynamic_ncols=True) as bar:
+            for batch in loader:
+                labels, prob_maps = self.predict_batch(batch["pixel_values"], batch["labels"].shape[-2:])
+                for index, label, prob in zip(batch["indices"].tolist(), labels.cpu().numpy(),
+                                              prob_maps.float().cpu()):
+                    rgb, _ = dataset.read(index) if overlays else (None, None)
+                    written.append(writer.write(names[index], label, prob.numpy(), rgb))
+                bar.update(len(labels) * world)  # the others advance alike
         if accelerator is not None:
             accelerator.wait_for_everyone()
         return written
@@ -296,7 +297,8 @@ def save_label_png(path: Path, labels: np.ndarray, palette: np.ndarray) -> None:
         image.putpalette(flat.ravel().tolist())
     else:
         image = Image.fromarray(labels.astype(np.uint16))
-    image.save(path)
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 class PredictionWriter:
@@ -317,7 +319,8 @@ class PredictionWriter:
                                   self.opacity, present=np.unique(labels))
             target = self.out_dir / "overlays" / f"{name}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
-            panel.save(target)
+            with atomic_file(target) as tmp:
+                panel.save(tmp, format="PNG")
         if self.probs is not None:
             self._write_probs(name, probs)
         return label_png
@@ -332,14 +335,20 @@ class PredictionWriter:
             names = self.classes if probs.shape[0] == len(self.classes) else self.classes[1:]
             for channel, class_name in zip(probs, names):
                 safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in class_name)
-                Image.fromarray(np.rint(channel * 255).clip(0, 255).astype(np.uint8)).save(target / f"{safe}.png")
+                with atomic_file(target / f"{safe}.png") as tmp:
+                    Image.fromarray(np.rint(channel * 255).clip(0, 255).astype(np.uint8)).save(tmp, format="PNG")
             return
         array = probs.astype(np.float16 if self.probs_dtype == "float16" else np.float32)
         path = folder / f"{name}.{'npy' if self.probs == 'npy' else 'safetensors'}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        if self.probs == "npy":
-            np.save(path, array)
-        else:
-            from safetensors.numpy import save_file
+        with atomic_file(path) as tmp:  # a full disk leaves the old file or none, never half of one
+            if self.probs == "npy":  # serialised first: Python's write reports a full disk as such
+                import io
 
-            save_file({"probs": array}, str(path), metadata={"classes": json.dumps(self.classes)})
+                buffer = io.BytesIO()
+                np.save(buffer, array)
+                tmp.write_bytes(buffer.getvalue())
+            else:
+                from safetensors.numpy import save_file
+
+                save_file({"probs": array}, str(tmp), metadata={"classes": json.dumps(self.classes)})

@@ -2,18 +2,41 @@
 errors a failed write of weights raises, and every process agreeing on a failed write."""
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
 
 def write_text_atomic(path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a reader
     (or a crash) never sees half a file."""
-    import os
-    from pathlib import Path
+    with atomic_file(path, wrap=False) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, wrap: bool = True) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed over ``path`` when the block ends
+    without an error, removed when it fails, so ``path`` is either the old file or the whole new
+    one. With ``wrap``, a failed write (a full disk, no permission) becomes a ``StorageError``
+    naming ``path`` and the reason."""
+    from seg_accel.errors import StorageError
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if wrap and isinstance(exc, WRITE_ERRORS) and not isinstance(exc, StorageError):
+            raise StorageError(f"could not write {path}: {write_failure(exc)}") from exc
+        raise
 
 
 def _write_errors() -> tuple[type[BaseException], ...]:

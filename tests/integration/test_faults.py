@@ -313,3 +313,36 @@ def test_the_token_leaves_in_no_commit_message_and_no_local_path_is_uploaded(tmp
     assert titles and all(HF_TEST_TOKEN not in title for title in titles) and "<redacted" in titles[-1]
     uploaded = hub_server.files("tester/leaky")["training_config.yaml"].decode()
     assert str(tmp_path) not in uploaded and "work_dir: ." in uploaded
+
+
+def test_disk_full_during_predict_leaves_no_partial_file_and_earlier_outputs_intact(tmp_path, tmpfs):
+    """Issue 23, finding 3: a full disk while predict writes probability maps."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.unit.test_evaluate import save_tiny_model
+
+    save_tiny_model(tmp_path / "export")
+    rng = np.random.default_rng(0)
+    for name in ["first", *(f"img_{i:02d}" for i in range(12))]:
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    disk = tmpfs("out", 640 * 1024)
+    predict = [sys.executable, "-m", "seg_accel", "predict", str(tmp_path / "export")]
+    probs = ["--out", str(disk), "--probs", "npy", "--probs-dtype", "float32", "--no-overlays"]
+    first = subprocess.run([*predict, str(tmp_path / "first.png"), *probs], cwd=tmp_path, env=script_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = sha256_tree(disk)
+    inputs = [str(tmp_path / f"img_{i:02d}.png") for i in range(12)]  # 12 x 64 KiB of float32 maps: more than fits
+    full = subprocess.run([*predict, *inputs, *probs], cwd=tmp_path, env=script_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    lines = error_lines(full)
+    assert len(lines) == 1 and "could not write" in lines[0] and "No space left on device" in lines[0], lines
+    assert str(disk) in lines[0]  # names the file
+    after = sha256_tree(disk)
+    assert {k: after[k] for k in before} == before  # the earlier outputs, byte for byte
+    assert not [name for name in after if Path(name).name.startswith(".")]  # no temporary file left
+    for name in after:
+        if name.endswith(".npy"):
+            assert np.load(disk / name).shape == (4, 64, 64)  # every map there is whole
