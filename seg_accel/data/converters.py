@@ -18,7 +18,9 @@ import re
 import shutil
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 from pathlib import Path
 
 import numpy as np
@@ -44,20 +46,48 @@ POTSDAM_VAL_TILES = ("5_15", "6_15", "6_13", "3_13", "4_14", "6_14", "5_14", "2_
 
 
 # --------------------------------------------------------------------------- reading archives
-class Member:
-    """One file of a downloaded archive or folder: its name and its bytes (``.gz`` undone)."""
+MAX_MEMBER_BYTES = 256 * 2**20  # one file of a dataset archive (the largest, a Potsdam tile, is ~110 MB)
+_CHUNK = 2**20
 
-    def __init__(self, name: str, read: Callable[[], bytes]):
+
+def read_capped(stream: BinaryIO, name: str, limit: int = MAX_MEMBER_BYTES) -> bytes:
+    """The stream's bytes, read a chunk at a time, refused as soon as they pass ``limit``: a
+    member whose header understates its size cannot take the memory either."""
+    chunks, total = [], 0
+    while chunk := stream.read(_CHUNK):
+        total += len(chunk)
+        if total > limit:
+            raise DataError(f"{name}: more than {limit / 2**20:.0f} MiB once unpacked, not a file of this dataset "
+                            f"(MAX_MEMBER_BYTES; a damaged or crafted archive?)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Member:
+    """One file of a downloaded archive or folder: its name, its size as the archive declares it,
+    and its bytes (``.gz`` undone), read within ``MAX_MEMBER_BYTES``."""
+
+    def __init__(self, name: str, opener: Callable[[], BinaryIO], size: int):
         self.name = name[:-3] if name.endswith(".gz") else name
-        self._read, self._gzipped = read, name.endswith(".gz")
+        self._open, self._gzipped, self.size = opener, name.endswith(".gz"), size
 
     @property
     def base(self) -> str:
         return self.name.rsplit("/", 1)[-1]
 
     def read(self) -> bytes:
-        data = self._read()
-        return gzip.decompress(data) if self._gzipped else data
+        if self.size > MAX_MEMBER_BYTES:  # refused by its declared size, before anything is read
+            raise DataError(f"{self.name}: {self.size / 2**20:,.0f} MiB once unpacked, over the "
+                            f"{MAX_MEMBER_BYTES / 2**20:.0f} MiB of one file of a dataset (MAX_MEMBER_BYTES; a damaged "
+                            "or crafted archive?)")
+        try:
+            with self._open() as stream:
+                if self._gzipped:
+                    with gzip.GzipFile(fileobj=stream) as unpacked:
+                        return read_capped(unpacked, self.name)
+                return read_capped(stream, self.name)
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise DataError(f"{self.name}: the archive is damaged ({type(exc).__name__}: {exc})") from exc
 
     def image(self) -> Image.Image:
         try:
@@ -70,17 +100,17 @@ def members(source: Path) -> Iterator[Member]:
     """Every file of a zip, a tar (any compression) or a folder (recursively), by name."""
     if source.is_dir():
         for path in sorted(p for p in source.rglob("*") if p.is_file()):
-            yield Member(path.relative_to(source).as_posix(), path.read_bytes)
+            yield Member(path.relative_to(source).as_posix(), lambda path=path: open(path, "rb"), path.stat().st_size)
     elif zipfile.is_zipfile(source):
         archive = zipfile.ZipFile(source)
         for info in sorted(archive.infolist(), key=lambda i: i.filename):
             if not info.is_dir():
-                yield Member(info.filename, lambda info=info: archive.read(info))
+                yield Member(info.filename, lambda info=info: archive.open(info), info.file_size)
     elif tarfile.is_tarfile(source):
         archive = tarfile.open(source)
         for info in sorted(archive.getmembers(), key=lambda i: i.name):
             if info.isfile():
-                yield Member(info.name, lambda info=info: archive.extractfile(info).read())
+                yield Member(info.name, lambda info=info: archive.extractfile(info), info.size)
     else:
         raise ConfigError(f"{source}: not a folder, zip or tar archive", key="SOURCE")
 

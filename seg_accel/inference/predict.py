@@ -35,6 +35,7 @@ from seg_accel.threads import one_thread
 logger = logging.getLogger("seg_accel")
 
 PROB_FORMATS = ("png", "npy", "safetensors")
+MAX_PROCESSOR_SIDE = 8192  # an export's preprocessor_config.json resize, at most (a 8192^2 image: 0.8 GB of float32)
 
 
 # --------------------------------------------------------------------------- the predictor
@@ -77,13 +78,30 @@ def pipeline_from_processor(folder: Path) -> list[dict]:
         from seg_accel.models.processor import IMAGENET_MEAN, IMAGENET_STD
 
         return [{"type": "Normalize", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}]
-    settings = json.loads(file.read_text())
+    if file.stat().st_size > 1 << 20:
+        raise ConfigError(f"{file} is {file.stat().st_size:,} bytes: not an image processor's settings", key="SOURCE")
+    try:
+        settings = json.loads(file.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{file} is not valid JSON: {exc}", key="SOURCE") from exc
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{file} holds {type(settings).__name__}, not a JSON object", key="SOURCE")
     pipeline: list[dict] = []
     if settings.get("do_resize") and isinstance(settings.get("size"), dict) and "height" in settings["size"]:
         size = settings["size"]
-        pipeline.append({"type": "Resize", "scale": [int(size["width"]), int(size["height"])], "keep_ratio": False})
+        try:
+            height, width = int(size["height"]), int(size["width"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{file}: size must hold integer height and width, got {size}", key="SOURCE") from exc
+        # an export's files are data from elsewhere: its resize sizes every image's memory
+        if not (1 <= height <= MAX_PROCESSOR_SIDE and 1 <= width <= MAX_PROCESSOR_SIDE):
+            raise ConfigError(f"{file}: size {height}x{width} is outside 1..{MAX_PROCESSOR_SIDE} pixels a side "
+                              "(MAX_PROCESSOR_SIDE; a damaged or crafted export?)", key="SOURCE")
+        pipeline.append({"type": "Resize", "scale": [width, height], "keep_ratio": False})
     # the processor: (x * rescale_factor - mean) / std; Normalize in 0-255 units: (x - mean') / std'
     factor = float(settings.get("rescale_factor", 1 / 255)) if settings.get("do_rescale", True) else 1.0
+    if not isinstance(factor, float) or not 0 < factor <= 1:
+        raise ConfigError(f"{file}: rescale_factor must be in (0, 1], got {factor}", key="SOURCE")
     if settings.get("do_normalize", True):
         mean = [m / factor for m in settings.get("image_mean", [0.485, 0.456, 0.406])]
         std = [s / factor for s in settings.get("image_std", [0.229, 0.224, 0.225])]

@@ -239,3 +239,61 @@ def test_converter_errors_are_one_line(tmp_path, capsys):
     assert convert_cli(["hrf", str(tmp_path)]) == 2
     assert "--out" in capsys.readouterr().err
     assert convert_cli(["stare", str(tmp_path / "nowhere"), "--out", "x"]) == 2
+
+
+def test_a_zip_bomb_member_is_refused_fast_and_small(tmp_path):
+    """Issue 23, finding 4: a 9 MB zip holding a 2 GiB member is refused by the member's
+    declared size, before it is read (it took 3.4 GB and 35 s), in one line naming it."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+    import zipfile
+
+    from tests.conftest import script_env
+
+    source = tmp_path / "drive"
+    source.mkdir()
+    with zipfile.ZipFile(source / "training.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open("training/images/21_training.tif", "w", force_zip64=True) as member:
+            zeros = bytes(2**20)
+            for _ in range(2048):
+                member.write(zeros)
+    assert (source / "training.zip").stat().st_size < 10 * 2**20
+    wrapper = textwrap.dedent(f"""
+        import json, resource, subprocess, sys, time
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "seg_accel", "convert-dataset", "drive", {str(source)!r}, "--out",
+                               {str(tmp_path / "out")!r}], capture_output=True, text=True)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        print(json.dumps({{"rc": proc.returncode, "stderr": proc.stderr, "cpu": usage.ru_utime + usage.ru_stime,
+                          "wall": time.monotonic() - started, "maxrss_kib": usage.ru_maxrss}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", wrapper], cwd=tmp_path, env=script_env(), capture_output=True,
+                         text=True, timeout=120)
+    measured = json.loads(out.stdout)
+    errors = [line for line in measured["stderr"].splitlines() if line.startswith("error:")]
+    assert measured["rc"] == 1 and errors == [
+        "error: training/images/21_training.tif: 2,048 MiB once unpacked, over the 256 MiB of one file of a dataset "
+        "(MAX_MEMBER_BYTES; a damaged or crafted archive?)"], measured["stderr"]
+    assert measured["cpu"] < 5 and measured["maxrss_kib"] < 500 * 1024, measured
+    assert not (tmp_path / "out" / "images").exists()
+
+
+def test_a_member_that_understates_its_size_is_cut_off_at_the_limit():
+    import io
+
+    from seg_accel.data.converters import read_capped
+    from seg_accel.errors import DataError
+
+    class Endless(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            buffer[:] = bytes(len(buffer))
+            return len(buffer)
+
+    with pytest.raises(DataError, match="more than 8 MiB once unpacked"):
+        read_capped(io.BufferedReader(Endless()), "big.tif", limit=8 * 2**20)
+    assert read_capped(io.BytesIO(b"x" * 100), "small.tif", limit=8 * 2**20) == b"x" * 100

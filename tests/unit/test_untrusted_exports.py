@@ -221,3 +221,26 @@ def test_a_registered_name_with_other_options_or_another_class_is_refused(tmp_pa
         from seg_accel.registry import MODELS
 
         MODELS._entries.pop("UserNet", None)
+
+
+def test_an_image_processor_that_would_size_huge_images_is_refused(tmp_path, capsys):
+    """Issue 23, finding 4: a downloaded preprocessor_config.json with size 40000x40000 made
+    predict allocate 19 GB; its sizes are bounded and the export refused in one line."""
+    import tracemalloc
+
+    from seg_accel.cli import predict_cli
+    from tests.unit.test_evaluate import save_tiny_model
+
+    save_tiny_model(tmp_path / "export")
+    (tmp_path / "export" / "preprocessor_config.json").write_text(json.dumps(
+        {"do_resize": True, "size": {"height": 40000, "width": 40000}, "do_normalize": True,
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_processor_type": "SegformerImageProcessor"}))
+    image = tmp_path / "image.png"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
+    tracemalloc.start()
+    code = predict_cli([str(tmp_path / "export"), str(image), "--out", str(tmp_path / "out")])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(err) == 1 and "size 40000x40000 is outside 1..8192 pixels a side" in err[0], err
+    assert peak < 200 * 2**20, peak
