@@ -157,7 +157,9 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.
 
 
 def report(line: str) -> None:
-    """The one line on stderr, and in the run's log file when there is one (why the run ended)."""
+    """The one line on stderr, and in the run's log file when there is one (why the run ended). A
+    message from a library that spans lines (transformers' offline hint) is joined into one."""
+    line = " ".join(part.strip() for part in line.splitlines() if part.strip())
     print(line, file=sys.stderr)
     from seg_accel.runtime.console import record_in_log_file
 

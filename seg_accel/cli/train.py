@@ -65,14 +65,14 @@ def load_train_config(args: argparse.Namespace) -> tuple[Any, Any]:
     return cfg, validate_train_config(cfg, args.work_dir)
 
 
-def interrupted_message(args: argparse.Namespace) -> str:
-    """One line: where the last checkpoint is and how to continue from it."""
+def interrupted_message(args: argparse.Namespace, why: str = "interrupted") -> str:
+    """One line starting with ``why``: where the last checkpoint is and how to continue from it."""
     from seg_accel.runtime.checkpoints import latest_checkpoint
 
     try:
         _, train_cfg = load_train_config(args)
     except ConfigError:
-        return "interrupted"
+        return why
     checkpoints = train_cfg.checkpoint_config
     folder = Path(checkpoints.out_dir) if checkpoints is not None and checkpoints.out_dir else Path(train_cfg.work_dir)
     latest = latest_checkpoint(folder)
@@ -80,9 +80,9 @@ def interrupted_message(args: argparse.Namespace) -> str:
     if args.work_dir:
         again += ["--work-dir", args.work_dir]
     if latest is None:
-        return (f"interrupted: every process stopped; no checkpoint was saved in {folder} "
+        return (f"{why}: every process stopped; no checkpoint was saved in {folder} "
                 f"(start again: {shlex.join(again)})")
-    return (f"interrupted: every process stopped; the last checkpoint is {latest}. Resume with: "
+    return (f"{why}: every process stopped; the last checkpoint is {latest}. Resume with: "
             f"{shlex.join([*again, '--resume-from', str(latest)])} (or --auto-resume)")
 
 
@@ -108,7 +108,7 @@ def _launch(args: argparse.Namespace) -> int:
 
     return launch("seg_accel.train", child_arguments(args),
                   launch_arguments(args.num_processes, args.config_file, args.main_process_port),
-                  lambda: interrupted_message(args), args.num_processes, check=lambda: load_train_config(args))
+                  lambda why: interrupted_message(args, why), args.num_processes, check=lambda: load_train_config(args))
 
 
 def child_arguments(args: argparse.Namespace) -> list[str]:

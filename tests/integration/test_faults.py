@@ -346,3 +346,130 @@ def test_disk_full_during_predict_leaves_no_partial_file_and_earlier_outputs_int
     for name in after:
         if name.endswith(".npy"):
             assert np.load(disk / name).shape == (4, 64, 64)  # every map there is whole
+
+
+# --------------------------------------------------------------------------- multi-process faults
+RANK_FAULTS = textwrap.dedent("""
+    import os
+    import signal
+    import time
+
+    from seg_accel.engine.hooks import Hook
+    from seg_accel.registry import HOOKS, TRANSFORMS
+
+
+    @HOOKS.register()
+    class KillRank(Hook):
+        \"\"\"SIGKILL process `rank` after iteration `at`; every iteration takes `seconds` at least.\"\"\"
+
+        def __init__(self, at: int = 0, rank: int = 1, seconds: float = 0.0):
+            self.at, self.rank, self.seconds = at, rank, seconds
+
+        def after_train_iter(self, runner):
+            time.sleep(self.seconds)
+            if self.at and runner.iter == self.at and runner.accelerator.process_index == self.rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+    @TRANSFORMS.register()
+    class KillRankOne:
+        \"\"\"In the evaluation of process 1: SIGKILL at its first image.\"\"\"
+
+        def __call__(self, results, rng):
+            if os.environ.get("RANK") == "1":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return results
+""")
+
+
+def rank_fault_run(tmp_path: Path, **hook) -> tuple[list[str], Path, Path]:
+    (tmp_path / "rank_faults.py").write_text(RANK_FAULTS)
+    cfg = tiny_config(custom_imports={"imports": ["rank_faults"]}, checkpoint_config={"interval": 2},
+                      custom_hooks=[{"type": "KillRank", **hook}])
+    cfg["runner"]["max_iters"] = 12
+    cfg["data"]["val"] = None
+    path = write_yaml(tmp_path / "exp.yaml", cfg)
+    work = tmp_path / "work"
+    return [sys.executable, "-m", "seg_accel", "train", str(path), "--num-processes", "2", "--work-dir", str(work)], \
+        path, work
+
+
+def one_error_line(proc_stderr: str) -> str:
+    assert "Traceback" not in proc_stderr and "ChildFailedError" not in proc_stderr, proc_stderr[-3000:]
+    assert "torch/distributed/elastic" not in proc_stderr, proc_stderr[-3000:]  # the launcher's log lines
+    lines = [line for line in proc_stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.multiprocess
+def test_a_training_rank_killed_is_one_line_with_the_resume_command(tmp_path):
+    command, path, work = rank_fault_run(tmp_path, at=5, rank=1)
+    proc = subprocess.run(command, cwd=tmp_path, env=script_env(PYTHONPATH=str(tmp_path)), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert line == (f"error: process 1 of 2 was killed (SIGKILL): every process stopped; the last checkpoint is "
+                    f"{work / 'iter_4'}. Resume with: seg-accel train {path} --work-dir {work} --resume-from "
+                    f"{work / 'iter_4'} (or --auto-resume)"), line
+    from seg_accel.runtime.manifest import verify
+
+    assert verify(work / "iter_2") is None and verify(work / "iter_4") is None
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_the_parent_stops_every_process_with_one_line(tmp_path):
+    import signal
+    import time
+
+    command, path, work = rank_fault_run(tmp_path, seconds=0.5)
+    proc = subprocess.Popen(command, cwd=tmp_path, env=script_env(PYTHONPATH=str(tmp_path)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (work / "iter_2" / "manifest.json").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    line = one_error_line(err)
+    assert line.startswith("error: terminated (SIGTERM to seg-accel): every process stopped; the last checkpoint is ")
+    assert f"--resume-from {work}/iter_" in line, line
+    from seg_accel.runtime.checkpoints import complete_checkpoints
+    from seg_accel.runtime.manifest import verify
+
+    assert complete_checkpoints(work) and all(verify(p) is None for p in complete_checkpoints(work))
+    time.sleep(1)
+    leftover = subprocess.run(["pgrep", "-f", str(path)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", "processes of the run outlived it"
+
+
+@pytest.mark.multiprocess
+def test_an_evaluation_rank_killed_is_one_line(tmp_path):
+    (tmp_path / "rank_faults.py").write_text(RANK_FAULTS)
+    cfg = tiny_config(checkpoint_config={"interval": 2})
+    cfg["runner"]["max_iters"] = 2
+    trained = run_script([TRAIN, str(write_yaml(tmp_path / "exp.yaml", cfg)), "--work-dir", str(tmp_path / "work")],
+                         cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    cfg["custom_imports"] = {"imports": ["rank_faults"]}
+    cfg["data"]["val"]["pipeline"] = [{"type": "KillRankOne"}, *cfg["data"]["val"]["pipeline"]]
+    path = write_yaml(tmp_path / "eval.yaml", cfg)
+    proc = subprocess.run([sys.executable, "-m", "seg_accel", "evaluate", str(path), str(tmp_path / "work" / "iter_2"),
+                           "--num-processes", "2"], cwd=tmp_path, env=script_env(PYTHONPATH=str(tmp_path)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert one_error_line(proc.stderr) == "error: process 1 of 2 was killed (SIGKILL): every process stopped"
+
+
+@pytest.mark.multiprocess
+def test_a_config_mistake_found_when_the_processes_build_the_model_is_one_line_and_exit_2(tmp_path):
+    cfg = tiny_config()
+    cfg["model"]["pretrained"] = "nobody/no-such-model"
+    path = write_yaml(tmp_path / "exp.yaml", cfg)
+    proc = subprocess.run([sys.executable, "-m", "seg_accel", "train", str(path), "--num-processes", "2",
+                           "--work-dir", str(tmp_path / "work")], cwd=tmp_path, env=script_env(HF_HUB_OFFLINE="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    line = one_error_line(proc.stderr)
+    assert line.startswith(f"error: {path}: model.pretrained: cannot load pretrained model 'nobody/no-such-model'")
