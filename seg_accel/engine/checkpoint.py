@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from seg_accel.errors import ConfigError
 from seg_accel.models.loading import check_weights_fit
 from seg_accel.runtime.checkpoints import (
+    CHECKPOINT_CONFIG,
     EXPORT_SUBDIR,
     META,
     PARTIAL,
@@ -52,8 +53,10 @@ class Checkpointer:
     process with ``(name, path, info)`` after each save (``info``: what the saver said about
     it, e.g. ``{"kind": "best", "metric": "mIoU", "score": 81.2}``, also kept in ``meta.json``)."""
 
-    def __init__(self, accelerator: Any, folder: Path, state: Any, exporter: Exporter | None = None):
+    def __init__(self, accelerator: Any, folder: Path, state: Any, exporter: Exporter | None = None,
+                 config_text: str | None = None):
         self.accelerator, self.folder, self.state, self.exporter = accelerator, Path(folder), state, exporter
+        self.config_text = config_text  # the run's resolved config, kept in each checkpoint (a resume compares)
         self.before_save: list[Callable[[str], None]] = []
         self.on_saved: list[Callable[[str, Path, dict[str, Any]], None]] = []
 
@@ -92,6 +95,8 @@ class Checkpointer:
                 meta = {"iter": state["iter"], "epoch": state["epoch"], "optimizer_steps": state["optimizer_steps"],
                         "save_optimizer": save_optimizer, "seg_accel": __version__, "info": info}
                 (tmp / META).write_text(json.dumps(meta, indent=2))
+                if self.config_text is not None:
+                    (tmp / CHECKPOINT_CONFIG).write_text(self.config_text)
         except WRITE_ERRORS as exc:  # safetensors and torch.save wrap ENOSPC in their own errors
             error = exc
         finally:
@@ -157,6 +162,19 @@ class Checkpointer:
             broadcast_object_list(chosen, from_process=0)
         return Path(chosen[0]) if chosen[0] is not None else None
 
+    def restore(self, resume_from: str | None, auto_resume: bool, model: Any = None) -> Path | None:
+        """At the start of a run: remove interrupted saves, then resume from ``resume_from`` or, with
+        ``auto_resume``, the newest good checkpoint. Returns the checkpoint resumed from, if any."""
+        self.clean_unfinished()
+        path, key = (Path(resume_from), "resume_from") if resume_from else (None, "")
+        if path is None and auto_resume:
+            path, key = self.newest_good(), "auto_resume"
+            if path is None:
+                logger.info("auto_resume: no checkpoint in %s; starting afresh", self.folder)
+        if path is not None:
+            self.resume(path, key, model)
+        return path
+
     def resume(self, path: Path, key: str = "resume_from", model: Any = None) -> None:
         """Restore the full state (``resume_from``/``auto_resume``) from a verified checkpoint."""
         if not is_complete(path):
@@ -169,7 +187,12 @@ class Checkpointer:
         acc = self.accelerator
         _check_rng_file(path / f"random_states_{acc.process_index}.pkl", key)
         meta = json.loads((path / META).read_text())
+        self._compare_configs(path)
         optimizers = acc._optimizers
+        # the optimizer's settings (lr, weight decay, betas, the schedules' initial values) follow the
+        # config resumed with; its state (moments, step counts) comes from the checkpoint
+        settings = [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+                    for opt in optimizers]
         if not meta.get("save_optimizer", True):
             acc._optimizers = []
             logger.warning("checkpoint %s has no optimizer state (save_optimizer: false); the optimizer starts "
@@ -182,9 +205,34 @@ class Checkpointer:
                               key=key) from exc
         finally:
             acc._optimizers = optimizers
+        for opt, groups in zip(optimizers, settings):
+            for group, setting in zip(opt.param_groups, groups):
+                group.update(setting)
         state = json.loads((path / RUNNER_STATE).read_text())
         self.state.load_state_dict(state)
         logger.info("resumed from %s: continuing at iteration %d", path, int(state["iter"]) + 1)
+
+
+    def _compare_configs(self, path: Path) -> None:
+        """One warning listing each key the resumed config changes and what that does."""
+        import yaml
+
+        from seg_accel.engine.resume_changes import config_changes, describe_changes
+
+        if self.config_text is None or not self.accelerator.is_main_process:
+            return
+        saved = path / CHECKPOINT_CONFIG
+        if not saved.is_file():  # a checkpoint of an older seg-accel: the work dir's config made it
+            saved = path.parent / "config.yaml"
+        try:
+            before = yaml.safe_load(saved.read_text()) if saved.is_file() else None
+        except (OSError, yaml.YAMLError):
+            before = None
+        if not isinstance(before, dict):
+            return
+        changes = config_changes(before, yaml.safe_load(self.config_text))
+        if changes:
+            logger.warning("%s", describe_changes(changes, path.name))
 
 
 def _check_rng_file(path: Path, key: str) -> None:

@@ -41,6 +41,7 @@ from seg_accel.engine.hooks import (
     OptimizerHook,
 )
 from seg_accel.engine.loggers import IntervalMeter, LoggerHook, RunLog, scheduled_values, tracker_project
+from seg_accel.engine.resume_changes import check_not_finished
 from seg_accel.engine.runner import Runner
 from seg_accel.engine.state import LoopState, TrainingState, run_info, workflow_phases
 from seg_accel.engine.summary import describe_run
@@ -191,7 +192,8 @@ class Trainer:
         self.checkpoint_dir = Path(cfg.checkpoint_config.out_dir) if cfg.checkpoint_config and \
             cfg.checkpoint_config.out_dir else self.work_dir
         self.hooks = HookList()
-        self.checkpointer = Checkpointer(acc, self.checkpoint_dir, TrainingState(self.loop, self.hooks), self.exporter)
+        self.checkpointer = Checkpointer(acc, self.checkpoint_dir, TrainingState(self.loop, self.hooks), self.exporter,
+                                         self._config_text)
         self.evaluator = None
         if cfg.evaluates:
             self.evaluator = Evaluator(acc, self.model, self.val_loader, self.classes, cfg.ignore_index,
@@ -242,15 +244,9 @@ class Trainer:
         return hook
 
     def _resume(self, model: torch.nn.Module) -> None:
-        cfg = self.cfg
-        self.checkpointer.clean_unfinished()
-        path, key = (Path(cfg.resume_from), "resume_from") if cfg.resume_from else (None, "")
-        if path is None and cfg.auto_resume:
-            path, key = self.checkpointer.newest_good(), "auto_resume"
-            if path is None:
-                logger.info("auto_resume: no checkpoint in %s; starting afresh", self.checkpoint_dir)
+        path = self.checkpointer.restore(self.cfg.resume_from, self.cfg.auto_resume, model)
         if path is not None:
-            self.checkpointer.resume(path, key, model)
+            check_not_finished(path, self.loop.iter, self.max_iters, self.cfg.runner.max_epochs, self.by_epoch)
 
     def _build_train_loader(self) -> None:
         cfg, acc = self.cfg, self.accelerator

@@ -5,9 +5,7 @@ import json
 
 import torch
 
-from tests.conftest import (
-    tiny_config,
-)
+from tests.conftest import json_log, make_trainer, tiny_config, write_yaml
 
 
 def test_rotation_keeps_the_two_newest_and_the_best_across_a_resume(tmp_path, fresh_accelerate):
@@ -59,3 +57,45 @@ def test_load_from_takes_weights_only(tmp_path, fresh_accelerate):
         assert state.keys() == trained.keys() and all(torch.equal(state[k], v) for k, v in trained.items())
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def test_a_resume_with_a_changed_config_says_what_changed_and_a_changed_lr_takes_effect(tmp_path,
+                                                                                      fresh_accelerate):
+    """Issue 23, finding 6: a changed optimizer.lr was ignored on resume (the checkpoint's optimizer
+    state brought its old lr back) while config.yaml recorded the new one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    cfg = tiny_config(checkpoint_config={"interval": 2}, lr_config=None, log_config={"interval": 1})
+    cfg["data"]["val"] = None
+    make_trainer(tmp_path, cfg)[0].train()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    changed = {**cfg, "resume_from": str(tmp_path / "work" / "iter_2"), "optimizer": {**cfg["optimizer"], "lr": 0.01},
+               "data": {**cfg["data"], "samples_per_gpu": 4}}
+    trainer, _ = make_trainer(tmp_path, changed)
+    log = sorted((tmp_path / "work").glob("*.log"))[-1].read_text()  # the resumed run's log
+    warnings = [line for line in log.splitlines() if "resuming from iter_2 with a config that differs" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], log
+    assert "optimizer.lr: 0.001 -> 0.01 (takes effect: the optimizer's settings follow the config" in warnings[0]
+    assert "data.samples_per_gpu: 2 -> 4 (takes effect: the data stream continues at the checkpoint's sample; not " \
+           "an exact resume)" in warnings[0]
+    assert "resume_from" not in warnings[0]  # how the run starts is no change
+    assert all(group["lr"] == 0.01 for group in trainer.optimizer.param_groups)
+    trainer.train()
+    logged = {r["iter"]: r for r in json_log(tmp_path / "work") if r["mode"] == "train"}
+    newest = sorted((tmp_path / "work").glob("*.log.json"))[-1]
+    resumed = [json.loads(line) for line in newest.read_text().splitlines()]
+    assert [r["lr"] for r in resumed if r["mode"] == "train"] == [0.01, 0.01] and logged[3]["lr"] == 0.001
+
+
+def test_a_resume_at_or_past_the_end_is_one_line(tmp_path, fresh_accelerate, capsys):
+    from seg_accel.cli import train_cli
+
+    cfg = tiny_config(checkpoint_config={"interval": 2})
+    cfg["data"]["val"] = None
+    make_trainer(tmp_path, cfg)[0].train()
+    path = write_yaml(tmp_path / "exp.yaml", cfg)
+    for options in (["runner.max_iters=4", "auto_resume=true"], ["runner.max_iters=3", f"resume_from={tmp_path}/work/iter_4"]):
+        assert train_cli([str(path), "--work-dir", str(tmp_path / "work"), "--cfg-options", *options]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert len(err) == 1 and "iter_4 is at iteration 4: the run has already finished (runner.max_iters" in err[0]
