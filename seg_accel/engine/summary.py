@@ -21,7 +21,8 @@ logger = logging.getLogger("seg_accel")
 
 def describe_run(cfg: TrainConfig, accelerator: Any, work_dir: Path, model: torch.nn.Module, train_set: Any,
                  val_set: Any, train_loader: Any, head_losses: list[Any], steps_per_epoch: int, sharded: bool,
-                 find_unused: bool, group_table: str, hooks: HookList, notes: list[str]) -> None:
+                 find_unused: bool, group_table: str, hooks: HookList, notes: list[str],
+                 warnings: list[str] = ()) -> None:
     """The start-up summary: versions, processes, model, data, batch, settings, groups, hooks."""
     acc = accelerator
     n_params = sum(p.numel() for p in model.parameters())
@@ -64,3 +65,5 @@ def describe_run(cfg: TrainConfig, accelerator: Any, work_dir: Path, model: torc
                     cfg.dist_timeout)
     logger.info("%s", group_table)
     logger.info("%s", hooks.describe())
+    for warning in warnings if acc.is_main_process else ():
+        logger.warning("%s", warning)

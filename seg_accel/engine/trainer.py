@@ -58,6 +58,7 @@ from seg_accel.optim import (
     param_group_table,
     with_fused_kernel,
 )
+from seg_accel.optim.schedules import schedule_warnings
 from seg_accel.registry import HOOKS
 from seg_accel.runtime.workdir import CONFIG_FILE, EVAL_RESULTS, FINAL_DIR, RUN_INFO
 from seg_accel.runtime.accelerator import build_accelerator, pin_memory, quiet_libraries
@@ -92,7 +93,7 @@ class Trainer:
             write_text_atomic(self.work_dir / CONFIG_FILE, self._config_text)
         describe_run(cfg, self.accelerator, self.work_dir, model, self.train_set, self.val_set, self.train_loader,
                      self.head_losses, self.steps_per_epoch, self.exporter.sharded,
-                     self.ddp_kwargs.find_unused_parameters, group_table, self.hooks, notes)
+                     self.ddp_kwargs.find_unused_parameters, group_table, self.hooks, notes, self.warnings)
 
     # ------------------------------------------------------------------ build steps
     def _start(self, raw_cfg: Config) -> list[Hook]:
@@ -208,14 +209,15 @@ class Trainer:
         """The built-ins (schedules, optimizer step, checkpoints, timer, evaluation, final export,
         the Hub push), the logger hooks and the users' ``custom_hooks``, by priority."""
         cfg = self.cfg
-        self.schedulers = []
+        self.schedulers, self.warnings = [], []
         for section, builder, hook_cls in (("lr_config", build_lr_scheduler, LrUpdaterHook),
                                            ("momentum_config", build_momentum_scheduler, MomentumUpdaterHook)):
             section_cfg = getattr(cfg, section)
             if section_cfg is not None:
                 by_epoch = bool(section_cfg.get("by_epoch", False))
-                self.schedulers.append(builder(section_cfg, self._optimizer,
-                                               cfg.runner.max_epochs if by_epoch else self.max_iters))
+                length = cfg.runner.max_epochs if by_epoch else self.max_iters
+                self.schedulers.append(builder(section_cfg, self._optimizer, length))
+                self.warnings += schedule_warnings(section_cfg, length, section, "epochs" if by_epoch else "iterations")
                 self.register_hook(hook_cls(self.schedulers[-1], by_epoch))
         self.register_hook(OptimizerHook(self.accelerator, self.optimizer, self._params, self.log,
                                          cfg.optimizer_config.grad_clip, cfg.skip_nonfinite_steps,

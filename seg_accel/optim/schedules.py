@@ -298,3 +298,31 @@ def build_momentum_scheduler(momentum_cfg: dict | None, optimizer: torch.optim.O
         )
     policy = MOMENTUM_POLICIES.build(momentum_cfg, "momentum_config", max_iters=max_iters)
     return ParamScheduler(optimizer, policy, "momentum")
+
+
+def schedule_warnings(section_cfg: dict | None, length: int, section: str = "lr_config",
+                      unit: str = "iterations") -> list[str]:
+    """What a schedule cannot do in a run of ``length`` steps (iterations, or epochs for a
+    ``by_epoch`` schedule), one line each: a warmup that never ends, step milestones past the end
+    (a shipped config shortened with ``runner.max_iters`` keeps its 1500-iteration warmup)."""
+    if not section_cfg:
+        return []
+    notes = []
+    warmup = section_cfg.get("warmup")
+    warmup_iters = int(section_cfg.get("warmup_iters", 0) or 0)
+    if warmup and warmup_iters >= length:
+        ratio = float(section_cfg.get("warmup_ratio", 0.1))
+        reached = {"linear": 1 - (1 - ratio) * (1 - (length - 1) / warmup_iters), "constant": ratio,
+                   "exp": ratio ** (1 - (length - 1) / warmup_iters)}.get(str(warmup), ratio)
+        notes.append(f"{section}.warmup_iters {warmup_iters} is not below the run's {length} {unit}: the schedule never "
+                     f"leaves its warmup and reaches at most {reached:.3g} of its value (lower warmup_iters, or train "
+                     "longer)")
+    step = section_cfg.get("step")
+    if str(section_cfg.get("policy", "")).lower() == "step" and step is not None:
+        milestones = [step] if isinstance(step, int) else list(step)
+        late = [m for m in milestones if m >= length]
+        if late and isinstance(step, int):
+            notes.append(f"{section}.step {step} is not below the run's {length} {unit}: the value never decays")
+        elif late:
+            notes.append(f"{section}.step milestone(s) {late} at or past the run's end ({length} {unit}): never applied")
+    return notes

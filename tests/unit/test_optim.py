@@ -484,3 +484,26 @@ def test_fused_kernel_chosen_when_available_and_not_chosen_by_the_config():
                  {"type": "RMSprop", "lr": 1e-3}):
         assert with_fused_kernel(kept, "cpu") == (kept, None)
     assert with_fused_kernel({"type": "SGD", "lr": 0.1}, "mps") == ({"type": "SGD", "lr": 0.1}, None)
+
+
+def test_a_schedule_that_cannot_do_what_it_says_is_warned_about(tmp_path, fresh_accelerate):
+    """Issue 23, finding 9: a shipped config shortened with runner.max_iters kept its 1500-iteration
+    warmup and never reached its lr, silently; step milestones past the end passed the same way."""
+    from seg_accel.optim.schedules import schedule_warnings
+    from tests.conftest import make_trainer, tiny_config
+
+    linear = {"policy": "poly", "warmup": "linear", "warmup_iters": 1500, "warmup_ratio": 1e-6}
+    [note] = schedule_warnings(linear, 1000)
+    # linear warmup: factor at the last step (999) = 1 - (1 - 1e-6) * (1 - 999/1500) = 0.666
+    assert note.startswith("lr_config.warmup_iters 1500 is not below the run's 1000 iterations: the schedule never "
+                           "leaves its warmup and reaches at most 0.666 of its value"), note
+    assert schedule_warnings({**linear, "warmup_iters": 999}, 1000) == []
+    assert schedule_warnings({"policy": "step", "step": [600, 1200]}, 1000) == [
+        "lr_config.step milestone(s) [1200] at or past the run's end (1000 iterations): never applied"]
+    assert schedule_warnings({"policy": "step", "step": 1000}, 1000) == [
+        "lr_config.step 1000 is not below the run's 1000 iterations: the value never decays"]
+    assert schedule_warnings({"policy": "step", "step": [8, 9], "by_epoch": True}, 12, unit="epochs") == []
+    cfg = tiny_config(lr_config={"policy": "poly", "warmup": "linear", "warmup_iters": 10, "by_epoch": False})
+    make_trainer(tmp_path, cfg)
+    log = next((tmp_path / "work").glob("*.log")).read_text()
+    assert "WARNING lr_config.warmup_iters 10 is not below the run's 4 iterations" in log
