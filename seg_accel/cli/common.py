@@ -153,7 +153,7 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM, errno.ENOENT, errno.EISDIR,
-                   errno.ENOTDIR, errno.EIO}
+                   errno.ENOTDIR, errno.EIO, errno.ENAMETOOLONG}
 
 
 def report(line: str) -> None:

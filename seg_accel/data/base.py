@@ -156,6 +156,12 @@ class SegDataset(Dataset):
                 f"{self.where(index)}: label values {bad[:10].tolist()} are neither a class id "
                 f"(0..{len(self.classes) - 1}) nor ignore_index ({self.ignore_index})"
             )
+        if values.size and (values == self.ignore_index).all() and not self.test_mode \
+                and not getattr(self, "_unlabelled_said", False):
+            self._unlabelled_said = True  # once per dataset and process: it trains nothing (loss 0)
+            logging.getLogger("seg_accel").warning(
+                "%s: no labelled pixel (every pixel is ignore_index %d): the sample trains nothing; are the labels in "
+                "the expected format (label_map, reduce_zero_label)?", self.where(index), self.ignore_index)
         return label
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ import torch
 from seg_accel.engine.hooks import Hook
 from seg_accel.errors import ConfigError
 from seg_accel.registry import HOOKS
+from seg_accel.runtime.storage import json_safe
 
 if TYPE_CHECKING:
     from seg_accel.engine.runner import Runner
@@ -178,7 +179,7 @@ class TextLoggerHook(LoggerHook):
         run = self.run_log
         if run.accelerator.is_main_process:
             with open(run.json_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         if record["mode"] == "train":
             remaining = run.max_iters - record["iter"]
             parts = [f"lr: {record['lr']:.3e}"] if "lr" in record else []

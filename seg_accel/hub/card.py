@@ -18,6 +18,8 @@ METRIC_TYPES = {"mIoU": "mean_iou", "mAcc": "mean_accuracy", "aAcc": "overall_ac
 
 
 def _fmt(value: Any) -> str:
+    if value is None:  # undefined (NaN in the evaluation, null in its JSON)
+        return "nan"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.2f}"
     return str(value)

@@ -17,7 +17,7 @@ from seg_accel.config.schema import TrainConfig
 from seg_accel.data import build_dataset, build_val_loader
 from seg_accel.inference.inferencer import Inferencer
 from seg_accel.runtime.accelerator import pin_memory
-from seg_accel.runtime.storage import agree_on_write, write_text_atomic
+from seg_accel.runtime.storage import agree_on_write, json_safe, write_text_atomic
 from seg_accel.errors import ConfigError
 from seg_accel.metrics import confusion_matrix, format_table, metrics_from_confusion
 from seg_accel.metrics.binary import (
@@ -243,7 +243,7 @@ class Evaluator:
                 "num_processes": acc.num_processes, "skipped_samples": skipped, "seconds": round(seconds, 3),
             }
             try:
-                write_text_atomic(self.results_file, json.dumps(payload, indent=2))
+                write_text_atomic(self.results_file, json.dumps(json_safe(payload), indent=2, allow_nan=False))
             except OSError as exc:
                 error = exc
         agree_on_write(acc, error, f"the evaluation results {self.results_file}")

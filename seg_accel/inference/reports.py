@@ -142,7 +142,7 @@ def save_results(out: Path, payload: dict[str, Any]) -> None:
     import subprocess
     import sys
 
-    from seg_accel.runtime.storage import write_text_atomic
+    from seg_accel.runtime.storage import json_safe, write_text_atomic
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -156,4 +156,4 @@ def save_results(out: Path, payload: dict[str, Any]) -> None:
     meta = {"_timestamp": datetime.datetime.now().isoformat(), "_git_commit_hash": git_hash,
             "_evaluate_version": evaluate_version, "_python_version": platform.python_version(),
             "_interpreter_path": sys.executable}
-    write_text_atomic(out, json.dumps({**payload, **meta}, indent=2, default=str))
+    write_text_atomic(out, json.dumps(json_safe({**payload, **meta}), indent=2, default=str, allow_nan=False))

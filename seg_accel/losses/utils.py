@@ -14,6 +14,24 @@ from seg_accel.errors import ConfigError
 def load_class_weight(value: list[float] | str | None, key: str = "class_weight") -> list[float] | None:
     """A list of floats, or a path (relative to the working directory) to a ``.npy``,
     ``.json`` or ``.yaml`` file holding the list (or a mapping with a ``class_weight``
+    list, as ``scripts/class_weights.py`` writes). Every weight finite and >= 0, one > 0 (a
+    negative weight trains the model away from that class)."""
+    import math
+
+    weights = _read_class_weight(value, key)
+    if weights is None:
+        return None
+    bad = [(i, w) for i, w in enumerate(weights) if not math.isfinite(w) or w < 0]
+    if bad:
+        raise ConfigError(f"every class weight must be finite and >= 0; class {bad[0][0]} has {bad[0][1]}", key=key)
+    if not any(w > 0 for w in weights):
+        raise ConfigError("at least one class weight must be > 0 (all are 0: nothing would be trained)", key=key)
+    return weights
+
+
+def _read_class_weight(value: list[float] | str | None, key: str = "class_weight") -> list[float] | None:
+    """A list of floats, or a path (relative to the working directory) to a ``.npy``,
+    ``.json`` or ``.yaml`` file holding the list (or a mapping with a ``class_weight``
     list, as ``scripts/class_weights.py`` writes)."""
     if value is None:
         return None

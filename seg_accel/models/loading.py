@@ -63,7 +63,44 @@ def load_export(source: str | os.PathLike, trust_remote_code: bool = False) -> n
     folder = resolve_export(source)
     config = read_export_config(folder)
     family = family_of_export(config, folder)
-    return attach_family(family.load_export(folder, config, trust_remote_code=trust_remote_code), family)
+    from safetensors import SafetensorError
+
+    try:
+        model = family.load_export(folder, config, trust_remote_code=trust_remote_code)
+    except SafetensorError as exc:
+        raise ValueError(f"{folder}: a weights file is not readable safetensors ({exc}): a damaged or truncated "
+                         "download?") from exc
+    check_loaded_weights(model, folder)
+    return attach_family(model, family)
+
+
+def check_loaded_weights(model: nn.Module, folder: Path) -> None:
+    """An export's weights must be what the model holds: a floating tensor stored as integers (or
+    the reverse) would be cast without a word, and non-finite weights (a diverged run) would
+    predict garbage without one."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    expected = model.state_dict()
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    if name not in expected:
+                        continue
+                    stored = handle.get_slice(name).get_dtype()
+                    stored_float = stored.startswith(("F", "BF"))
+                    if stored_float != expected[name].is_floating_point():
+                        raise ValueError(f"{file}: tensor {name} is stored as {stored} but the model's is "
+                                         f"{str(expected[name].dtype).removeprefix('torch.')} (a damaged or crafted "
+                                         "export?)")
+        except SafetensorError as exc:
+            raise ValueError(f"{file} is not a readable safetensors file: {exc}") from exc
+    for name, tensor in expected.items():
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{folder}: the model's weights are not finite ({name}: {bad} of {tensor.numel()} "
+                             "values are NaN or infinite): the run that made it diverged, or the file is damaged")
 
 
 def load_model(source: str | os.PathLike, model_cfg: ModelConfig | None = None, classes: list[str] | None = None,

@@ -203,5 +203,10 @@ def load_module_export(folder: Path, config: dict, trust_remote_code: bool = Fal
     if not isinstance(model, nn.Module):
         raise ValueError(f"{folder}: {spec['import_path']} returned {type(model).__name__}, not a torch.nn.Module")
     model.seg_accel_spec = dict(spec)
-    model.load_state_dict(load_file(str(folder / EXPORT_WEIGHTS)), strict=True)
+    try:
+        model.load_state_dict(load_file(str(folder / EXPORT_WEIGHTS)), strict=True)
+    except RuntimeError as exc:  # missing, unexpected or misshapen tensors: torch lists them over many lines
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:4]) if len(lines) > 1 else lines[0] if lines else type(exc).__name__
+        raise ValueError(f"{folder / EXPORT_WEIGHTS} does not fit the {spec['type']} it names: {detail[:400]}") from exc
     return model

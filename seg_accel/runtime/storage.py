@@ -53,7 +53,12 @@ def write_failure(exc: BaseException) -> str:
     torch's own errors (which wrap "No space left on device") by their first line."""
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc.strerror or exc)
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "unexpected pos" in text or "PytorchStreamWriter failed writing" in text:
+        # torch.save's short write ("[enforce fail at inline_container.cc] . unexpected pos N vs M"):
+        # what a full disk looks like from inside its zip writer
+        return "No space left on device (torch.save could not write the whole file)"
     return first.removeprefix("Error while serializing: ")
 
 
@@ -74,3 +79,18 @@ def agree_on_write(accelerator: Any, error: BaseException | None, what: str, cle
         cleanup()
     reason = write_failure(error) if error is not None else "another process could not write its part"
     raise StorageError(f"could not write {what}: {reason}") from error
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN and infinity as None: JSON has no NaN (``json.dumps`` writes a
+    ``NaN`` token that JSON readers refuse); a metric that is undefined (a class absent from
+    labels and predictions) is null."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

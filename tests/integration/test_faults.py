@@ -473,3 +473,24 @@ def test_a_config_mistake_found_when_the_processes_build_the_model_is_one_line_a
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
     assert line.startswith(f"error: {path}: model.pretrained: cannot load pretrained model 'nobody/no-such-model'")
+
+
+def test_torch_save_on_a_full_disk_says_no_space_left(tmp_path, tmpfs):
+    """Issue 23, finding 7: a full disk during the optimizer's torch.save said torch's
+    "enforce fail ... unexpected pos" instead of "No space left on device"."""
+    from seg_accel.runtime.storage import write_failure
+
+    disk = tmpfs("small", 256 * 1024)
+    with pytest.raises(Exception) as info:  # torch raises RuntimeError with its zip writer's message
+        torch.save({"state": torch.zeros(1024, 1024)}, disk / "optimizer.bin")
+    assert "No space left on device" in write_failure(info.value), str(info.value)
+
+
+def test_a_path_over_the_name_limit_is_one_line(tmp_path, capsys):
+    from seg_accel.cli import train_cli
+
+    cfg = tiny_config()
+    cfg["runner"]["max_iters"] = 1
+    code = train_cli([str(write_yaml(tmp_path / "exp.yaml", cfg)), "--work-dir", str(tmp_path / ("w" * 300))])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 1 and len(err) == 1 and "File name too long" in err[0], err

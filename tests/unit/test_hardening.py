@@ -310,3 +310,44 @@ def test_a_skipped_val_sample_is_reported_and_not_counted(tmp_path, fresh_accele
     assert results["skipped_samples"] == 1
     assert np.asarray(results["confusion_matrix"]).sum() == 8 * 32 * 32  # 9 val images, one not counted
     assert any(r["mode"] == "val" for r in json_log(tmp_path / "work"))
+
+
+def test_all_ignore_labels_warn_and_the_results_stay_valid_json(tmp_path, fresh_accelerate):
+    """Issue 23, finding 7: labels that are all ignore_index trained at loss 0 without a word and
+    wrote NaN tokens into eval_results.json (invalid JSON)."""
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    data = tmp_path / "data"
+    for sub in ("img", "ann"):
+        (data / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / "img" / f"s{i}.png")
+        Image.fromarray(np.full((32, 32), 255, np.uint8)).save(data / "ann" / f"s{i}.png")
+    split = {"type": "CustomDataset", "data_root": str(data), "img_dir": "img", "ann_dir": "ann", "img_suffix": ".png",
+             "classes": ["background", "thing"], "pipeline": [{"type": "Normalize", "mean": [0, 0, 0],
+                                                                "std": [255, 255, 255]}]}
+    cfg = tiny_config()
+    cfg["data"].update(train=split, val=split)
+    trainer, _ = make_trainer(tmp_path, cfg)
+    trainer.train()
+    log = next((tmp_path / "work").glob("*.log")).read_text()
+    assert "WARNING data.train (CustomDataset" in log and "no labelled pixel (every pixel is ignore_index 255)" in log
+    results = json.loads((tmp_path / "work" / "eval_results.json").read_text(), parse_constant=refuse)
+    assert results["metrics"]["mIoU"] is None and results["per_class"]["IoU"]["thing"] is None
+    for path in (tmp_path / "work").glob("*.log.json"):
+        for line in path.read_text().splitlines():
+            json.loads(line, parse_constant=refuse)
+
+
+def test_negative_or_all_zero_class_weights_are_config_errors(tmp_path, capsys):
+    from seg_accel.cli import train_cli
+
+    for weights, words in (([1.0, -1.0, 1.0, 1.0], "class 1 has -1.0"), ([0.0] * 4, "at least one class weight"),
+                           ([1.0, float("nan"), 1.0, 1.0], "class 1 has nan")):
+        cfg = tiny_config()
+        cfg["model"]["decode_head"] = {"loss_decode": {"type": "CrossEntropyLoss", "class_weight": weights}}
+        assert train_cli([str(write_yaml(tmp_path / "exp.yaml", cfg))]) == 2
+        err = capsys.readouterr().err
+        assert "model.decode_head.loss_decode.class_weight" in err and words in err, err

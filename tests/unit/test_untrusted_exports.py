@@ -244,3 +244,63 @@ def test_an_image_processor_that_would_size_huge_images_is_refused(tmp_path, cap
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert code == 2 and len(err) == 1 and "size 40000x40000 is outside 1..8192 pixels a side" in err[0], err
     assert peak < 200 * 2**20, peak
+
+
+def crafted_weights(folder: Path, kind: str) -> None:
+    """Replace the export's model.safetensors with a damaged or crafted one."""
+    import struct
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    header_size = struct.unpack("<Q", data[:8])[0]
+    if kind == "huge header":
+        file.write_bytes(struct.pack("<Q", 2**40) + data[8:])
+    elif kind == "invalid JSON":
+        file.write_bytes(data[:8] + b"{" * header_size + data[8 + header_size:])
+    elif kind == "truncated":
+        file.write_bytes(data[: 8 + header_size + 10])
+    else:
+        state = load_file(str(file))
+        name = next(iter(state))
+        if kind == "wrong shape":
+            state[name] = torch.zeros(1, 2, 3)
+        elif kind == "NaN weights":
+            state = {k: v.clone().fill_(float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+        elif kind == "int64 weights":
+            state[name] = state[name].to(torch.int64)
+        save_file(state, str(file))
+
+
+WEIGHT_FAULTS = ["huge header", "invalid JSON", "truncated", "wrong shape", "NaN weights", "int64 weights"]
+
+
+@pytest.mark.parametrize("kind", WEIGHT_FAULTS)
+def test_damaged_or_crafted_weights_are_one_line(tmp_path, kind, capsys):
+    """Issue 23, finding 7: crafted or truncated safetensors gave tracebacks; NaN weights predicted
+    without a word; int64-stored float weights were cast silently."""
+    from seg_accel.cli import predict_cli
+
+    folder = user_export(tmp_path)
+    sys.path.insert(0, str(tmp_path / "user"))
+    try:
+        import user_net  # noqa: F401  (registered: the export itself is loadable)
+
+        crafted_weights(folder, kind)
+        image = tmp_path / "image.png"
+        Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
+        assert predict_cli([str(folder), str(image), "--out", str(tmp_path / "out")]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
+        assert len(err) == 1 and err[0].startswith("error: SOURCE: cannot load the model: "), (kind, err)
+        words = {"NaN weights": "are not finite", "int64 weights": "is stored as I64 but the model's is float32",
+                 "wrong shape": "does not fit the UserNet"}.get(kind, "not readable safetensors")
+        assert words in err[0], (kind, err)
+        assert not (tmp_path / "out" / "labels").exists()
+    finally:
+        sys.path.remove(str(tmp_path / "user"))
+        sys.modules.pop("user_net", None)
+        from seg_accel.registry import MODELS
+
+        MODELS._entries.pop("UserNet", None)
