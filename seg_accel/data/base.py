@@ -60,6 +60,15 @@ def label_lookup(label_map: dict[int, int] | None, reduce_zero_label: bool) -> n
     return lut
 
 
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image
+
+    return (OSError, ValueError, KeyError, TypeError, Image.DecompressionBombError)
+
+
+READ_ERRORS = _read_errors()  # what reading an image or label may raise (a decompression bomb included)
+
 class SegDataset(Dataset):
     """Base of all segmentation datasets.
 
@@ -170,7 +179,7 @@ class SegDataset(Dataset):
             img, label = self.read(index)
         except DataError:
             raise
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable, missing, undecodable
+        except READ_ERRORS as exc:  # unreadable, missing, undecodable, a decompression bomb
             raise DataError(f"{self.where(index)}: cannot read it: {type(exc).__name__}: {exc}") from exc
         label = self.check(index, img, label)
         try:

@@ -92,7 +92,7 @@ class Member:
     def image(self) -> Image.Image:
         try:
             return Image.open(io.BytesIO(self.read()))
-        except OSError as exc:
+        except (OSError, Image.DecompressionBombError) as exc:
             raise DataError(f"{self.name}: cannot decode it as an image: {exc}") from exc
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from seg_accel.data.base import SegDataset
+from seg_accel.data.base import READ_ERRORS, SegDataset
 from seg_accel.errors import ConfigError
 from seg_accel.registry import DATASETS
 
@@ -133,7 +133,7 @@ class CustomDataset(SegDataset):
         try:
             with Image.open(self.paths(index)[0]) as img:  # the header only
                 return img.height, img.width
-        except OSError:
+        except READ_ERRORS:
             return None  # a bad sample: reported when it is loaded
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:

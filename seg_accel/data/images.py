@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from seg_accel.data.base import SegDataset
+from seg_accel.data.base import READ_ERRORS, SegDataset
 from seg_accel.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
@@ -90,8 +90,8 @@ class ImageFiles(UnlabeledImages):
         try:
             with Image.open(self.paths[index]) as img:
                 return img.height, img.width
-        except OSError:
-            return None
+        except READ_ERRORS:
+            return None  # a bad sample: reported when it is read
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         from PIL import Image

@@ -27,7 +27,7 @@ from seg_accel.data.base import image_to_rgb8
 from seg_accel.data.images import IMAGE_SUFFIXES, ImageFiles, collect_inputs, output_names  # noqa: F401 (API)
 from seg_accel.data.transforms import build_pipeline
 from seg_accel.inference.inferencer import Inferencer
-from seg_accel.errors import ConfigError
+from seg_accel.errors import ConfigError, DataError
 from seg_accel.metrics.palette import default_palette
 from seg_accel.runtime.storage import atomic_file
 from seg_accel.threads import one_thread
@@ -286,7 +286,10 @@ class Predictor:
         written: list[Path] = []
         with tqdm(total=len(dataset), desc="predict", disable=not (progress and main), dynamic_ncols=True) as bar:
             for batch in loader:
-                labels, prob_maps = self.predict_batch(batch["pixel_values"], batch["labels"].shape[-2:])
+                try:
+                    labels, prob_maps = self.predict_batch(batch["pixel_values"], batch["labels"].shape[-2:])
+                except DataError as exc:  # name the images
+                    raise DataError(f"{', '.join(names[i] for i in batch['indices'].tolist())}: {exc}") from exc
                 for index, label, prob in zip(batch["indices"].tolist(), labels.cpu().numpy(),
                                               prob_maps.float().cpu()):
                     rgb, _ = dataset.read(index) if overlays else (None, None)

@@ -22,7 +22,7 @@ from torch import nn
 from seg_accel.config.types import join_key, parse_value, type_hints
 from seg_accel.errors import ConfigError, did_you_mean
 from seg_accel.models.families import register_family
-from seg_accel.models.interface import LayerIds, ModelFamily, SegOutput, as_seg_output, label_maps
+from seg_accel.models.interface import LayerIds, ModelFamily, SegOutput, as_seg_output, label_maps, run_model
 
 if TYPE_CHECKING:
     from seg_accel.config.schema import ModelConfig
@@ -273,7 +273,7 @@ class TransformersFamily(ModelFamily):
         capture = AuxiliaryCapture(model) if auxiliary else None
 
         def forward(wrapped: nn.Module, pixel_values: torch.Tensor) -> SegOutput:
-            out = as_seg_output(wrapped(pixel_values))
+            out = as_seg_output(run_model(wrapped, pixel_values))
             return SegOutput(out.logits, capture.pop()) if capture is not None else out
 
         return forward

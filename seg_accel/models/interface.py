@@ -53,9 +53,31 @@ def as_seg_output(raw: Any) -> SegOutput:
         "{'logits': ..., 'aux_logits': ...} or (logits, aux_logits)")
 
 
+# what torch says when an input is smaller than a layer takes (a 1x1 or 8x8 image)
+_TOO_SMALL = ("Kernel size can't be greater than actual input size", "Output size is too small",
+              "input image is smaller than kernel", "Expected input's spatial")
+
+
+def run_model(model: nn.Module, pixel_values: torch.Tensor) -> Any:
+    """``model(pixel_values)``; an input smaller than the model's layers take is a ``DataError``
+    saying its size and what to do, not torch's traceback."""
+    try:
+        return model(pixel_values)
+    except RuntimeError as exc:
+        text = str(exc)
+        if not any(marker in text for marker in _TOO_SMALL):
+            raise
+        from seg_accel.errors import DataError
+
+        height, width = pixel_values.shape[-2:]
+        raise DataError(f"the model cannot take an input of {height}x{width} pixels (h x w; torch: "
+                        f"{text.splitlines()[0][:160]}): resize or pad such images in the pipeline (Resize, Pad), "
+                        "or leave them out") from exc
+
+
 def segmentation_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Logits ``(N, C, h, w)`` of any seg-accel model (wrapped by DDP or not)."""
-    return as_seg_output(model(pixel_values)).logits
+    return as_seg_output(run_model(model, pixel_values)).logits
 
 
 def label_maps(classes: list[str], outputs: int) -> tuple[dict[int, str], dict[str, int]]:
@@ -124,7 +146,7 @@ class ModelFamily:
         auxiliary logits."""
 
         def forward(wrapped: nn.Module, pixel_values: torch.Tensor) -> SegOutput:
-            out = as_seg_output(wrapped(pixel_values))
+            out = as_seg_output(run_model(wrapped, pixel_values))
             if auxiliary and out.aux_logits is None:
                 raise RuntimeError(f"{type(model).__name__}.forward returned no aux_logits, but model.auxiliary_head "
                                    "configures losses for them: return {'logits': ..., 'aux_logits': ...}")

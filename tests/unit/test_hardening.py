@@ -351,3 +351,38 @@ def test_negative_or_all_zero_class_weights_are_config_errors(tmp_path, capsys):
         assert train_cli([str(write_yaml(tmp_path / "exp.yaml", cfg))]) == 2
         err = capsys.readouterr().err
         assert "model.decode_head.loss_decode.class_weight" in err and words in err, err
+
+
+def test_images_smaller_than_the_model_takes_are_one_line(tmp_path, capsys, fresh_accelerate):
+    """Issue 23, finding 7: 1x1 and 8x8 images gave torch's traceback ("Kernel size can't be
+    greater than actual input size") in predict and in training."""
+    from seg_accel.cli import predict_cli, train_cli
+    from tests.unit.test_evaluate import save_tiny_model
+
+    save_tiny_model(tmp_path / "export")
+    for side in (1, 8):
+        image = tmp_path / f"tiny{side}.png"
+        Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(image)
+        assert predict_cli([str(tmp_path / "export"), str(image), "--out", str(tmp_path / f"out{side}")]) == 1
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
+        assert len(err) == 1 and err[0].startswith(f"error: tiny{side}: the model cannot take an input of ")
+    cfg = tiny_config()
+    cfg["data"]["train"]["img_size"] = [8, 8]
+    cfg["data"]["val"] = None
+    assert train_cli([str(write_yaml(tmp_path / "exp.yaml", cfg)), "--work-dir", str(tmp_path / "work")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
+    assert len(err) == 1 and "the model cannot take an input of 8x8 pixels" in err[0], err
+
+
+def test_a_decompression_bomb_image_is_one_line(tmp_path, capsys):
+    """Issue 23, finding 7: a 48 KB PNG of 20000 x 20000 pixels gave PIL's DecompressionBombError
+    traceback; now one line naming the file (PIL refuses it before decoding)."""
+    from seg_accel.cli import predict_cli
+    from tests.unit.test_evaluate import save_tiny_model
+
+    save_tiny_model(tmp_path / "export")
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
+    assert (tmp_path / "bomb.png").stat().st_size < 100_000
+    assert predict_cli([str(tmp_path / "export"), str(tmp_path / "bomb.png"), "--out", str(tmp_path / "out")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
+    assert len(err) == 1 and "bomb.png" in err[0] and "DecompressionBombError" in err[0], err
