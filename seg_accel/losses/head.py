@@ -111,14 +111,12 @@ class HeadLosses(nn.Module):
                     raise ConfigError(f"{type(loss).__name__}.forward does not take pixel_weight_nhw, so the "
                                       f"sampler ({sampler.get('type')}) cannot weight its pixels: {LOSS_SIGNATURE}",
                                       key=item)
-        if self.sampler is not None and getattr(self.sampler, "thresh", 0) is None:
-            flat = [type(m).__name__ for m in self.losses if not hasattr(m, "pixel_loss")]
-            if flat:
-                raise ConfigError(
-                    f"OHEM without thresh ranks pixels by their loss, which {', '.join(flat)} has not; "
-                    "set sampler.thresh or use per-pixel losses (CrossEntropyLoss, FocalLoss)",
-                    key=join_key(key, "sampler"),
-                )
+        if self.sampler is not None and getattr(self.sampler, "thresh", 0) is None and \
+                not any(hasattr(m, "pixel_loss") for m in self.losses):
+            raise ConfigError(
+                f"OHEM without thresh ranks pixels by their per-pixel loss, which none of "
+                f"{', '.join(type(m).__name__ for m in self.losses)} has; set sampler.thresh or add a per-pixel loss "
+                "(CrossEntropyLoss, FocalLoss)", key=join_key(key, "sampler"))
         self.prefix = prefix
         self.ignore_index = ignore_index
         self.align_corners = align_corners
@@ -134,9 +132,10 @@ class HeadLosses(nn.Module):
     def pixel_losses(self, logits_nchw: torch.Tensor, labels_nhw: torch.Tensor) -> torch.Tensor:
         """Sum of the losses' unreduced per-pixel values times their ``loss_weight`` (for OHEM without
         thresh: MMSegmentation ranks pixels by the sum of each loss's ``reduction='none'`` output,
-        which includes its ``loss_weight``)."""
+        which includes its ``loss_weight``). A loss with no per-pixel value (Dice, Lovasz) adds the
+        same number to every pixel there, which changes no rank: it is left out, and ranks as there."""
         return sum(getattr(m, "loss_weight", 1.0) * m.pixel_loss(logits_nchw, labels_nhw, self.ignore_index)
-                   for m in self.losses)
+                   for m in self.losses if hasattr(m, "pixel_loss"))
 
     def forward(self, logits_nchw: torch.Tensor, labels_nhw: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         logits = resize_logits(logits_nchw, labels_nhw.shape[-2:], self.align_corners).float()

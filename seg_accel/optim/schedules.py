@@ -160,6 +160,10 @@ class CyclicPolicy:
         peak = base * (1 - scale + scale * self.r0)
         if j < self.up:
             return self.anneal(base, peak, j / self.up)
+        if self.up == 0:
+            # mmcv 1.7.2 damps the end of the phase that starts a cycle, the start of any other: with
+            # no rise phase the fall starts each cycle, from the undamped peak to a damped end
+            return self.anneal(base * self.r0, base * (1 - scale + scale * self.r1), j / self.period)
         return self.anneal(peak, base * self.r1, (j - self.up) / (self.period - self.up))
 
 

@@ -88,3 +88,44 @@ def test_ohem_without_thresh_needs_per_pixel_losses():
     with pytest.raises(ConfigError, match="DiceLoss") as info:
         HeadLosses([{"type": "DiceLoss"}], 3, sampler={"type": "OHEMPixelSampler", "min_kept": 5})
     assert info.value.key == "model.decode_head.sampler"
+
+
+def ohem_dice_case():
+    torch.manual_seed(0)
+    return torch.randn(2, 4, 32, 32) * 2, torch.randint(0, 4, (2, 32, 32))
+
+
+def test_ohem_with_thresh_weights_the_dice_term_too_as_documented():
+    """Issue 23, finding 10(b), decided: seg-accel keeps applying the sampler's weights to every
+    loss, Dice included (the pixels OHEM drops train nothing); mmseg 0.30's DiceLoss ignores them.
+    The example's two values are the ones docs/differences.md gives."""
+    from seg_accel.losses import DiceLoss, HeadLosses
+    from tests.conftest import REPO
+
+    logits, labels = ohem_dice_case()
+    heads = HeadLosses([{"type": "CrossEntropyLoss"}, {"type": "DiceLoss"}], 4,
+                       sampler={"type": "OHEMPixelSampler", "thresh": 0.7, "min_kept": 100})
+    _, logs = heads(logits, labels)
+    weight = heads.sampler.sample(logits, labels, IGNORE, heads.pixel_losses)
+    ours, unweighted = float(logs["decode.loss_dice"]), float(DiceLoss()(logits, labels, ignore_index=IGNORE))
+    assert ours == pytest.approx(float(DiceLoss()(logits, labels, pixel_weight_nhw=weight, ignore_index=IGNORE)))
+    assert abs(ours - unweighted) > 0.05
+    text = (REPO / "docs/differences.md").read_text()
+    assert f"{ours:.4f}" in text and f"{unweighted:.4f}" in text and f"{float(logs['decode.ohem_kept']):.1%}" in text
+
+
+def test_ohem_without_thresh_with_ce_and_dice_ranks_by_the_per_pixel_losses_as_mmseg():
+    """Issue 23, finding 10(c), decided: matched to mmseg, which trains CE + Dice with OHEM without
+    thresh (its Dice adds the same number to every pixel's rank, which changes no rank): the
+    pixels kept are those CE alone ranks highest."""
+    from seg_accel.losses import HeadLosses
+
+    logits, labels = ohem_dice_case()
+    both = HeadLosses([{"type": "CrossEntropyLoss"}, {"type": "DiceLoss", "loss_weight": 3.0}], 4,
+                      sampler={"type": "OHEMPixelSampler", "min_kept": 300})
+    ce = HeadLosses([{"type": "CrossEntropyLoss"}], 4, sampler={"type": "OHEMPixelSampler", "min_kept": 300})
+    kept_both = both.sampler.sample(logits, labels, IGNORE, both.pixel_losses)
+    assert torch.equal(kept_both, ce.sampler.sample(logits, labels, IGNORE, ce.pixel_losses))
+    assert torch.equal(kept_both, full_sort_reference(logits, labels, None, 300))
+    total, logs = both(logits, labels)
+    assert torch.isfinite(total) and "decode.loss_dice" in logs

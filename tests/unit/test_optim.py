@@ -507,3 +507,25 @@ def test_a_schedule_that_cannot_do_what_it_says_is_warned_about(tmp_path, fresh_
     make_trainer(tmp_path, cfg)
     log = next((tmp_path / "work").glob("*.log")).read_text()
     assert "WARNING lr_config.warmup_iters 10 is not below the run's 4 iterations" in log
+
+
+def test_the_cyclic_schedules_equal_mmcv_including_no_rise_phase_and_gamma_below_1():
+    """Issue 23, finding 10(a): with step_ratio_up 0 and gamma < 1 the cyclic lr differed from mmcv
+    1.7.2 from the second cycle on (step 50 of 100: 0.055 vs mmcv's 0.1). The reference values are
+    mmcv's own, written by tests/references/make_mmcv_cyclic.py."""
+    import json
+
+    from seg_accel.optim.schedules import CyclicMomentumPolicy, CyclicPolicy
+    from tests.conftest import REPO
+
+    reference = json.loads((REPO / "tests/references/mmcv_cyclic.json").read_text())
+    assert reference["mmcv"] == "1.7.2"
+    for target, policy_cls, base in (("lr", CyclicPolicy, reference["base_lr"]),
+                                     ("momentum", CyclicMomentumPolicy, reference["base_momentum"])):
+        for case in reference[target]:
+            options = {k: v for k, v in case.items() if k not in ("values", "max_iters")}
+            policy = policy_cls(case["max_iters"], **options)
+            ours = [policy.value(base, i) for i in range(case["max_iters"])]
+            assert ours == pytest.approx(case["values"], rel=1e-12, abs=1e-15), (target, options)
+    first = reference["lr"][0]
+    assert first["step_ratio_up"] == 0 and first["values"][50] == pytest.approx(0.1)
