@@ -18,9 +18,10 @@ HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of
 
 def image_to_rgb8(image: Any) -> tuple[np.ndarray, str | None]:
     """An image (PIL or array) as ``(H, W, 3)`` uint8 RGB, and a note when its values had to be
-    scaled: a 16-bit image becomes ``round(value / 257)`` (its full range onto 0..255; PIL's
-    ``convert("RGB")`` would clip it and leave most pixels white), a float image in [0, 1] is
-    times 255."""
+    scaled. The scale follows the image's type, never its content (a value means the same in
+    every image): a 16-bit image becomes ``round(value / 257)`` (its full range onto 0..255; PIL's
+    ``convert("RGB")`` would clip it and leave most pixels white), a float image is taken as 0..1
+    and becomes ``round(value * 255)``, clipped."""
     note = None
     if hasattr(image, "mode"):  # PIL
         if image.mode not in HIGH_DEPTH_MODES:
@@ -29,10 +30,9 @@ def image_to_rgb8(image: Any) -> tuple[np.ndarray, str | None]:
     array = np.asarray(image)
     if array.dtype != np.uint8:
         if np.issubdtype(array.dtype, np.floating):
-            top = float(np.nanmax(array)) if array.size else 0.0
-            array = np.nan_to_num(array) * (255.0 if top <= 1.0 else 1.0)
-            note = "float images are scaled to 8 bits" + (" (value x 255)" if top <= 1.0 else " (clipped to 0..255)")
-        elif array.size and array.max() > 255:
+            array = np.nan_to_num(array.astype(np.float64)) * 255.0
+            note = "float images are taken as 0..1 and scaled to 8 bits (value x 255, clipped)"
+        else:
             array = array.astype(np.float64) / 257.0
             note = "16-bit images are scaled to 8 bits (value / 257)"
         array = np.clip(np.rint(array), 0, 255).astype(np.uint8)

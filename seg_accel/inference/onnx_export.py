@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from seg_accel.errors import ConfigError, TrainingError
+from seg_accel.errors import ConfigError, StorageError, TrainingError
+from seg_accel.runtime.storage import atomic_file, write_failure
 
 logger = logging.getLogger("seg_accel")
 
@@ -67,11 +68,33 @@ def require_onnxruntime() -> Any:
     return onnxruntime
 
 
+PROTOBUF_LIMIT = 2**31 - 1  # an ONNX file holds its weights up to this size; larger: external data beside it
+
+
+def _storage_cause(exc: BaseException) -> OSError | None:
+    """The OSError of a full or read-only disk somewhere in an exporter's chain of exceptions."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT,
+                                                      errno.EPERM, errno.EIO):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def export_onnx(model: torch.nn.Module, out: str | os.PathLike, size: tuple[int, int], opset: int = DEFAULT_OPSET,
                 dynamic: bool = False, metadata: dict[str, str] | None = None, exporter: str = "dynamo") -> Path:
-    """Write ``model`` as ONNX to ``out`` for ``(3, *size)`` images; returns the path."""
+    """Write ``model`` as ONNX to ``out`` for ``(3, *size)`` images, the weights inside the file
+    (beside it, ``<out>.data``, only past protobuf's 2 GB); returns the path. A full or read-only
+    disk is a ``StorageError`` naming the path."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"could not write {out}: {exc.strerror or exc}") from exc
     wrapper = LogitsOnly(model.float().eval()).eval()
     # batch 2 when dynamic: an example of batch 1 would let the exporter fix the batch at 1
     example = torch.randn(2 if dynamic else 1, 3, *size, generator=torch.Generator().manual_seed(0))
@@ -90,22 +113,39 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, size: tuple[int,
                                       "logits": {0: "batch", 2: "out_height", 3: "out_width"}}
     else:
         raise ConfigError(f"must be dynamo or torchscript, got {exporter!r}", key="--exporter")
-    try:
-        with torch.no_grad():
-            torch.onnx.export(wrapper, (example,), str(out), **kwargs)
-    except Exception as exc:  # the exporters raise many kinds; say which model and how to try otherwise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        other = "torchscript" if exporter == "dynamo" else "dynamo"
-        raise TrainingError(f"torch.onnx ({exporter} exporter) cannot export {type(model).__name__}: "
-                            f"{type(exc).__name__}: {first[:400]} (try --exporter {other})") from exc
-    if metadata:
-        import onnx
+    import tempfile
 
-        proto = onnx.load(str(out))
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, str(out))
+    import onnx
+
+    try:
+        with tempfile.TemporaryDirectory(prefix=".seg_accel_onnx_", dir=out.parent) as scratch:
+            raw = Path(scratch) / "model.onnx"  # the exporter may write its weights beside it (model.onnx.data)
+            try:
+                with torch.no_grad():
+                    torch.onnx.export(wrapper, (example,), str(raw), **kwargs)
+            except Exception as exc:  # the exporters raise many kinds; say which model and how to try otherwise
+                if _storage_cause(exc) is not None:
+                    raise _storage_cause(exc) from exc
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                other = "torchscript" if exporter == "dynamo" else "dynamo"
+                raise TrainingError(f"torch.onnx ({exporter} exporter) cannot export {type(model).__name__}: "
+                                    f"{type(exc).__name__}: {first[:400]} (try --exporter {other})") from exc
+            proto = onnx.load(str(raw))  # with its external data, if any
+            for key, value in (metadata or {}).items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value
+            embedded = proto.ByteSize() < PROTOBUF_LIMIT
+            with atomic_file(out) as tmp:
+                if embedded:
+                    onnx.save(proto, str(tmp))
+                else:
+                    onnx.save(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                              location=f"{out.name}.data")
+                    os.replace(tmp.parent / f"{out.name}.data", out.parent / f"{out.name}.data")
+            if embedded:
+                Path(f"{out}.data").unlink(missing_ok=True)  # an earlier export's, now unused
+    except OSError as exc:
+        raise StorageError(f"could not write {out}: {write_failure(exc)}") from exc
     return out
 
 
@@ -144,15 +184,22 @@ def export_with_parity(source: str, out: str | os.PathLike, opset: int = DEFAULT
     from seg_accel.inference.predict import Predictor, collect_inputs
 
     predictor = Predictor.from_export(source, trust_remote_code=trust_remote_code)
-    settings = _processor_size(predictor)
-    size = size or settings or (512, 512)
+    files = collect_inputs(list(check), key="--check") if check else []
+    # the input size: --size, else the image processor's resize, else the first check image's
+    size = size or _processor_size(predictor) or (tuple(predictor.prepare(files[0]).shape[-2:]) if files else None)
+    if size is None:
+        size = (512, 512)
+        logger.info("no input size known (no --size, no resize in the export's image processor, no --check "
+                    "images): 512x512")
     metadata = {"seg_accel_version": __version__, "classes": json.dumps(predictor.classes),
                 "pipeline": json.dumps(predictor.pipeline), "input": f"pixel_values (N, 3, H, W), H x W = {size}"
                 + (" (dynamic)" if dynamic else "")}
-    path = export_onnx(predictor.model, out, size, opset, dynamic, metadata, exporter)
+    final = Path(out)
+    path = export_onnx(predictor.model, final.with_name(f".{final.name}.unchecked.onnx"), size, opset, dynamic,
+                       metadata, exporter)
     batches: list[torch.Tensor] = []
     if check:
-        for file in collect_inputs(list(check), key="--check"):
+        for file in files:
             pixel_values = predictor.prepare(file)[None]
             if not dynamic and tuple(pixel_values.shape[-2:]) != tuple(size):
                 pixel_values = torch.nn.functional.interpolate(pixel_values, size=size, mode="bilinear",
@@ -168,12 +215,35 @@ def export_with_parity(source: str, out: str | os.PathLike, opset: int = DEFAULT
             batches.append(torch.stack([predictor.prepare(rng.integers(0, 256, (*other, 3), dtype=np.uint8))
                                         for _ in range(2)]))
     report = parity(predictor.model, path, batches)
-    logger.info("wrote %s (opset %d, %s exporter%s); %s", path, opset, exporter, ", dynamic batch/height/width"
-                if dynamic else f", input 1x3x{size[0]}x{size[1]}", report.line())
-    if report.agreement < MIN_AGREEMENT:
+    if report.agreement < MIN_AGREEMENT:  # not at --out: a graph there is one that passed
+        failed = final.with_name(f"{final.stem}.failed{final.suffix or '.onnx'}")
+        _move_onnx(path, failed)
         raise TrainingError(f"the ONNX graph disagrees with PyTorch: {report.line()} (below "
-                            f"{100 * MIN_AGREEMENT:.1f}%); {path} is kept for inspection")
+                            f"{100 * MIN_AGREEMENT:.1f}%); nothing was written to {final}; the graph is kept for "
+                            f"inspection as {failed}")
+    _move_onnx(path, final)
+    logger.info("wrote %s (opset %d, %s exporter%s); %s", final, opset, exporter, ", dynamic batch/height/width"
+                if dynamic else f", input 1x3x{size[0]}x{size[1]}", report.line())
     return report
+
+
+def _move_onnx(source: Path, target: Path) -> None:
+    """Rename a graph (and its external data, if any) to ``target``; the graph it replaces goes."""
+    data = Path(f"{source}.data")
+    try:
+        if data.exists():  # past 2 GB: the graph names its data file; write it under the new name
+            import onnx
+
+            proto = onnx.load(str(source))
+            onnx.save(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=f"{target.name}.data")
+            source.unlink()
+            data.unlink()
+            return
+        os.replace(source, target)
+        Path(f"{target}.data").unlink(missing_ok=True)
+    except OSError as exc:
+        raise StorageError(f"could not write {target}: {write_failure(exc)}") from exc
 
 
 def _processor_size(predictor: Any) -> tuple[int, int] | None:

@@ -274,6 +274,14 @@ class Predictor:
             names = [dataset.sample_name(i) for i in range(len(dataset))]
         else:
             paths = collect_inputs([str(p) for p in inputs])
+            out = Path(out_dir).resolve()
+            own = [p for p in paths if Path(p).resolve().is_relative_to(out)]
+            if own:  # --out inside an input folder: what earlier runs wrote there is not an input
+                paths = [p for p in paths if p not in own]
+                logger.info("left out %d image(s) under the output folder %s (outputs of an earlier run)", len(own),
+                            out_dir)
+                if not paths:
+                    raise ConfigError(f"every input image is under the output folder {out_dir}", key="INPUTS")
             names = output_names(paths)
             dataset = ImageFiles(paths, self.classes, self.pipeline)
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)

@@ -494,3 +494,20 @@ def test_a_path_over_the_name_limit_is_one_line(tmp_path, capsys):
     code = train_cli([str(write_yaml(tmp_path / "exp.yaml", cfg)), "--work-dir", str(tmp_path / ("w" * 300))])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert code == 1 and len(err) == 1 and "File name too long" in err[0], err
+
+
+def test_export_onnx_on_a_full_disk_says_so_and_leaves_no_file(tmp_path, tmpfs):
+    """Issue 23, finding 8: a full (or read-only) disk during export-onnx was reported as "cannot
+    export ... try --exporter torchscript"."""
+    pytest.importorskip("onnxruntime")
+    from tests.unit.test_evaluate import save_tiny_model
+
+    save_tiny_model(tmp_path / "export")
+    disk = tmpfs("onnx", 64 * 1024)  # the tiny SegFormer's graph is ~0.5 MB
+    proc = subprocess.run([sys.executable, "-m", "seg_accel", "export-onnx", str(tmp_path / "export"), "--out",
+                           str(disk / "model.onnx"), "--size", "32", "32", "--exporter", "torchscript"],
+                          cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "try --exporter" not in lines[0], lines
+    assert list(disk.iterdir()) == []  # nothing half-written, no temporary folder

@@ -107,3 +107,39 @@ def test_export_onnx_command_dynamic_shapes(tmp_path):
     bad = run_script(["-m", "seg_accel", "export-onnx", str(tmp_path / "nothing"), "--out", str(out)], cwd=REPO)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "nothing" in bad.stderr
+
+
+def test_an_export_embeds_its_weights_leaves_nothing_unused_and_takes_the_data_size(tmp_path):
+    """Issue 23, finding 8: export-onnx left an unused .onnx.data beside an .onnx that embeds the
+    weights, and defaulted to 512x512 instead of the data's size."""
+    import onnx
+    from PIL import Image
+
+    from seg_accel.inference.onnx_export import export_with_parity
+
+    folder = export_folder(tmp_path, ARCHITECTURES["segformer"])  # no resize in its processor
+    Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(tmp_path / "check.png")
+    out = tmp_path / "onnx" / "model.onnx"
+    out.parent.mkdir()
+    (out.parent / "model.onnx.data").write_bytes(b"an earlier export's weights")
+    export_with_parity(str(folder), out, check=[str(tmp_path / "check.png")], exporter="torchscript")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]  # no .data, no temporary file
+    proto = onnx.load(str(out))
+    assert {p.key: p.value for p in proto.metadata_props}["input"] == "pixel_values (N, 3, H, W), H x W = (48, 64)"
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 48, 64]
+
+
+def test_a_graph_that_fails_its_parity_check_is_not_written_at_out(tmp_path, monkeypatch):
+    from seg_accel.errors import TrainingError
+    from seg_accel.inference import onnx_export
+
+    folder = export_folder(tmp_path, ARCHITECTURES["segformer"], size=(32, 32))
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"a graph that passed earlier")
+    monkeypatch.setattr(onnx_export, "MIN_AGREEMENT", 1.01)  # no graph can pass
+    with pytest.raises(TrainingError, match=f"nothing was written to {out}"):
+        onnx_export.export_with_parity(str(folder), out, exporter="torchscript")
+    assert out.read_bytes() == b"a graph that passed earlier"
+    assert (tmp_path / "model.failed.onnx").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -386,3 +386,20 @@ def test_a_decompression_bomb_image_is_one_line(tmp_path, capsys):
     assert predict_cli([str(tmp_path / "export"), str(tmp_path / "bomb.png"), "--out", str(tmp_path / "out")]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
     assert len(err) == 1 and "bomb.png" in err[0] and "DecompressionBombError" in err[0], err
+
+
+def test_a_pixel_value_means_the_same_in_every_16_bit_or_float_image():
+    """Issue 23, finding 8: 16-bit and float images were scaled by their content (a 16-bit 255
+    stayed 255 unless some pixel of the image exceeded 255): one value, two results."""
+    from seg_accel.data.base import image_to_rgb8
+
+    dark = np.full((4, 4), 255, np.uint16)  # no pixel above 255
+    bright = dark.copy()
+    bright[0, 0] = 65535
+    assert image_to_rgb8(dark)[0][1, 1, 0] == image_to_rgb8(bright)[0][1, 1, 0] == 1  # round(255 / 257)
+    assert image_to_rgb8(Image.fromarray(dark))[0][1, 1, 0] == 1  # PIL's 16-bit modes alike
+    low = np.full((4, 4), 0.5, np.float32)
+    high = low.copy()
+    high[0, 0] = 2.0
+    assert image_to_rgb8(low)[0][1, 1, 0] == image_to_rgb8(high)[0][1, 1, 0] == 128  # round(0.5 * 255)
+    assert image_to_rgb8(high)[0][0, 0, 0] == 255  # outside 0..1: clipped

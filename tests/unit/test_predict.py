@@ -213,3 +213,23 @@ def test_run_on_a_dataset_split_in_hub_layout(export, tmp_path):
     with pytest.raises(ConfigError, match="--image-column.*no column 'pixels'"):
         Predictor.from_export(folder).run([], out, progress=False,
                                           hub_dataset={"path": str(root), "split": "test", "image_column": "pixels"})
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path):
+    """Issue 23, finding 8: `predict --out` inside the input folder predicted its own earlier
+    outputs on the next run."""
+    import numpy as np
+    from PIL import Image
+
+    from seg_accel.cli import predict_cli
+    from tests.unit.test_evaluate import save_tiny_model
+
+    save_tiny_model(tmp_path / "export")
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(np.full((32, 32, 3), 100, np.uint8)).save(images / f"{name}.png")
+    for _ in range(2):  # the second run finds the first's labels/ and overlays/ under images/
+        assert predict_cli([str(tmp_path / "export"), str(images), "--out", str(images / "pred")]) == 0
+    written = sorted(p.relative_to(images / "pred").as_posix() for p in (images / "pred").rglob("*.png"))
+    assert written == ["labels/a.png", "labels/b.png", "overlays/a.png", "overlays/b.png"], written
