@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from load import competing_load, cores  # noqa: E402
 CONFIG = REPO / "configs/camvid/segformer_tiny_camvid_2k.yaml"
+CAMVID = REPO.parent / "shared" / "data" / "camvid"
+ROOTS = [f"data.train.data_root={CAMVID}", f"data.val.data_root={CAMVID}"]  # the config reads data/camvid
 
 
 def throughput(dataset, workers: int, batches: int, batch_size: int, threads: int | None = None) -> float:
@@ -74,7 +76,7 @@ def train_data_share(iters: int) -> tuple[float, float]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_config.yaml"),
            str(REPO / "scripts/train.py"), str(CONFIG), "--work-dir", str(work), "--cfg-options",
            f"runner.max_iters={iters}", "log_config.interval=1", "data.val=null", "evaluation=null",
-           "checkpoint_config=null"]
+           "checkpoint_config=null", *ROOTS]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:  # say why, not a bare CalledProcessError
         sys.exit(f"the CamVid training failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -99,7 +101,7 @@ def main() -> None:
 
     if not (REPO.parent / "shared/data/camvid").is_dir():
         sys.exit("bench/data.py needs ../shared/data/camvid beside the repository")
-    cfg = validate_train_config(load_config(CONFIG))
+    cfg = validate_train_config(load_config(CONFIG, ROOTS))
     batch_size = cfg.data.samples_per_gpu
     folder = build_dataset(cfg.data.train, "data.train")
     import torch

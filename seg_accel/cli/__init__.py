@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from seg_accel.cli.common import is_peer_failure as _is_peer_failure  # noqa: F401 (tests use it)
 from seg_accel.cli.common import run_cli
 from seg_accel.cli.convert import convert_cli
+from seg_accel.cli.env import env_cli
 from seg_accel.cli.evaluate import evaluate_cli
 from seg_accel.cli.export_onnx import export_onnx_cli
 from seg_accel.cli.predict import predict_cli
@@ -30,6 +31,8 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "param-groups": (print_param_groups_cli, "print the optimizer's parameter groups of a config"),
     "class-weights": (class_weights_cli, "count pixels per class and write class weights"),
     "list-configs": (list_configs_cli, "list the configs shipped with seg-accel"),
+    "env": (env_cli, "the versions of torch, torchvision, transformers, ...; the devices; whether torch and "
+                     "torchvision match"),
 }
 
 

@@ -147,6 +147,9 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
             report(on_interrupt(args) if on_interrupt else "interrupted")
         return INTERRUPTED
     except Exception as exc:
+        if not args.debug and (failure := library_import_failure(exc)) is not None:
+            report(f"error: {where()}{failure}")
+            return 1
         if args.debug or world_size() <= 1:
             raise
         return process_failed(exc)
@@ -154,6 +157,23 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
 
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM, errno.ENOENT, errno.EISDIR,
                    errno.ENOTDIR, errno.EIO, errno.ENAMETOOLONG}
+
+
+def library_import_failure(exc: BaseException) -> str | None:
+    """One line for an error that comes from a library failing to import (a torchvision that does
+    not belong to the installed torch makes transformers' model classes fail to import, in a long
+    traceback that never names torchvision): the root cause, and where to look."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    if not any(isinstance(e, ImportError) for e in chain):
+        return None
+    root = chain[-1]
+    first = str(root).strip().splitlines()[0] if str(root).strip() else ""
+    return (f"a library failed to import: {type(root).__name__}: {first[:300]}. `seg-accel env` shows the versions "
+            "installed and whether torch and torchvision belong together")
 
 
 def report(line: str) -> None:

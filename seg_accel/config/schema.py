@@ -192,9 +192,11 @@ class GradClipConfig:
 
 @dataclass(frozen=True)
 class OptimizerStepConfig:
-    """``optimizer_config``: what happens at each optimizer step."""
+    """``optimizer_config``: what happens at each optimizer step (``type: OptimizerHook``, mmcv's
+    spelling, may stay)."""
 
     grad_clip: GradClipConfig | None = None
+    type: Literal["OptimizerHook"] | None = None
 
 
 @dataclass(frozen=True)
@@ -434,6 +436,24 @@ class TrainConfig:
                     get_priority(hook["priority"], f"{section}.{i}.priority")
 
 
+_FP16_HINT = ("mixed precision is `mixed_precision: fp16` here (Accelerate's dynamic loss scaler; bf16 needs no "
+              "scaler), with `optimizer_config: {grad_clip: ...}` for clipping")
+
+
+def mmcv_habits(data: dict) -> None:
+    """mmcv's spellings of what seg-accel says otherwise: one line pointing at the key to use."""
+    if "fp16" in data:
+        raise ConfigError(f"mmcv's `fp16 = dict(loss_scale=...)` is not a seg-accel key: {_FP16_HINT}; remove fp16",
+                          key="fp16")
+    step = data.get("optimizer_config")
+    if isinstance(step, dict) and step.get("type", "OptimizerHook") != "OptimizerHook":
+        hook = str(step["type"])
+        hint = _FP16_HINT if "Fp16" in hook else ("gradient accumulation is `gradient_accumulation_steps: N`"
+                                                 if "Cumulative" in hook else "the optimizer step is built in")
+        raise ConfigError(f"{hook} is mmcv's; here: {hint}", key="optimizer_config.type")
+
+
 def parse_train_config(data: dict) -> TrainConfig:
     """Types, required keys and value ranges of a resolved config dict (no registry, no model)."""
+    mmcv_habits(data)
     return parse_section(data, TrainConfig, None)

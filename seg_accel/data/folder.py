@@ -67,9 +67,13 @@ class CustomDataset(SegDataset):
         folders = [("img_dir", self.img_dir), ("ann_dir", self.ann_dir)]
         if self.mask_dir is not None:
             folders.append(("mask_dir", self.mask_dir))
+        if data_root is not None and not Path(data_root).is_dir():
+            raise ConfigError(f"data_root not found: {data_root} (relative paths start from {Path.cwd()}): set it "
+                              "to the folder holding img_dir and ann_dir, e.g. --cfg-options "
+                              "data.train.data_root=/path/to/data data.val.data_root=/path/to/data", key="data_root")
         for name, path in folders:
             if not path.is_dir():
-                raise ConfigError(f"directory not found: {path}", key=name)
+                raise ConfigError(f"directory not found: {path} (set {name}, or data_root above it)", key=name)
         if split is not None:
             split_path = _root(data_root, split)
             if not split_path.is_file():

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from seg_accel.config.schema import PRIORITIES, get_priority  # noqa: F401 (part of this module's API)
+from seg_accel.engine.mmcv_helpers import MmcvHookHelpers
 from seg_accel.errors import ConfigError, TrainingError
-from seg_accel.runtime.checkpoints import META, checkpoint_age
+from seg_accel.runtime.checkpoints import checkpoint_age, saved_info
 from seg_accel.runtime.storage import agree_on_write, write_text_atomic
 
 if TYPE_CHECKING:
@@ -45,8 +46,9 @@ HOOK_POINTS = (
 )
 
 
-class Hook:
-    """Base class: every hook point is a no-op; ``priority`` orders hooks (lower first)."""
+class Hook(MmcvHookHelpers):
+    """Base class: every hook point is a no-op; ``priority`` orders hooks (lower first); mmcv's
+    helpers (``every_n_iters``, ``end_of_epoch``, ...) answer as in mmcv."""
 
     priority: int | str = "NORMAL"
     priority_value: int = 50  # set from ``priority`` when the hook is registered
@@ -294,7 +296,7 @@ class EvalHook(Hook):
         upto = [p for p in found if checkpoint_age(p)[0] <= iteration]
         later = [p.name for p in found if checkpoint_age(p)[0] > iteration]
         if upto and upto[-1].name != self.best_dir:
-            info = _saved_info(upto[-1])
+            info = saved_info(upto[-1])
             known = next((p for p in upto if p.name == self.best_dir), None)
             if info.get("kind") == "best" and isinstance(info.get("score"), (int, float)) and \
                     (known is None or checkpoint_age(known) < checkpoint_age(upto[-1])):
@@ -365,15 +367,6 @@ class EvalHook(Hook):
 
     def after_run(self, runner: Runner) -> None:
         self._run("after_run", runner)
-
-
-def _saved_info(path: Path) -> dict[str, Any]:
-    """What the saver said about a checkpoint (``meta.json``'s ``info``); {} when unreadable."""
-    try:
-        info = json.loads((path / META).read_text()).get("info")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return info if isinstance(info, dict) else {}
 
 
 # --------------------------------------------------------------------------- the final model

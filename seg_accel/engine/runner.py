@@ -19,12 +19,13 @@ class Runner:
     only the loop writes) and the components the trainer built. Nothing on it can be set."""
 
     __slots__ = ("_loop", "_hooks", "_run_info", "_accelerator", "_model", "_optimizer", "_log", "_checkpointer",
-                 "_evaluator", "_exporter", "_work_dir", "_checkpoint_dir", "_max_iters", "_max_epochs", "_by_epoch")
+                 "_evaluator", "_exporter", "_work_dir", "_checkpoint_dir", "_max_iters", "_max_epochs", "_by_epoch",
+                 "_steps_per_epoch")
 
     def __init__(self, loop: LoopState, hooks: HookList, run_info: Callable[[], dict[str, Any]], *, accelerator: Any,
                  model: Any, optimizer: Any, log: RunLog, checkpointer: Checkpointer, evaluator: Evaluator | None,
                  exporter: Exporter, work_dir: Path, checkpoint_dir: Path, max_iters: int, max_epochs: int | None,
-                 by_epoch: bool):
+                 by_epoch: bool, steps_per_epoch: int = 1):
         for name, value in locals().items():
             if name not in ("self", "__class__"):
                 object.__setattr__(self, f"_{name}", value)
@@ -41,8 +42,12 @@ class Runner:
     scheduled = property(lambda self: self._loop.scheduled, doc="this iteration's lr and momentum")
     # the run
     max_iters = property(lambda self: self._max_iters)
-    max_epochs = property(lambda self: self._max_epochs, doc="None for an iteration-based run")
+    max_epochs = property(lambda self: self._max_epochs if self._by_epoch else None,
+                          doc="None for an iteration-based run")
     by_epoch = property(lambda self: self._by_epoch)
+    steps_per_epoch = property(lambda self: self._steps_per_epoch, doc="iterations of one pass over the data")
+    inner_iter = property(lambda self: self._loop.iter - self._loop.epoch * self._steps_per_epoch if self._by_epoch
+                          else self._loop.iter, doc="iterations finished in this epoch (epoch-based runs)")
     work_dir = property(lambda self: self._work_dir)
     checkpoint_dir = property(lambda self: self._checkpoint_dir)
     # the components

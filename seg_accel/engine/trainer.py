@@ -202,8 +202,8 @@ class Trainer:
         self.runner = Runner(self.loop, self.hooks, self.run_info, accelerator=acc, model=self.model,
                              optimizer=self.optimizer, log=self.log, checkpointer=self.checkpointer,
                              evaluator=self.evaluator, exporter=self.exporter, work_dir=self.work_dir,
-                             checkpoint_dir=self.checkpoint_dir, max_iters=self.max_iters,
-                             max_epochs=cfg.runner.max_epochs if self.by_epoch else None, by_epoch=self.by_epoch)
+                             checkpoint_dir=self.checkpoint_dir, max_iters=self.max_iters, by_epoch=self.by_epoch,
+                             max_epochs=cfg.runner.max_epochs, steps_per_epoch=self.steps_per_epoch)
 
     def _build_hooks(self, logger_hooks: list[Hook]) -> None:
         """The built-ins (schedules, optimizer step, checkpoints, timer, evaluation, final export,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from seg_accel.errors import ConfigError
 from seg_accel.runtime.manifest import MANIFEST
@@ -62,3 +63,12 @@ def pick_weights(work_dir: Path) -> Path:
     if latest is None:
         raise ConfigError(f"{work_dir} holds no final/ export and no complete checkpoint", key="CHECKPOINT")
     return latest
+
+
+def saved_info(path: Path) -> dict[str, Any]:
+    """What the saver said about a checkpoint (``meta.json``'s ``info``); {} when unreadable."""
+    try:
+        info = json.loads((path / META).read_text()).get("info")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return info if isinstance(info, dict) else {}

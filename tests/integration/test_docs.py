@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import CAMVID, REPO, SHARED, script_env, tiny_config, write_yaml
+from tests.conftest import CAMVID, REPO, script_env, tiny_config, write_yaml
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([A-Za-z]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -77,8 +77,9 @@ def scratch_for(page: Path, tmp_path: Path, demo_run: Path) -> Path:
     scratch = tmp_path / "run"
     scratch.mkdir()
     (scratch / "configs").symlink_to(REPO / "configs")
-    if SHARED.is_dir():  # the CamVid configs read ../shared/data/camvid from where they are run
-        (tmp_path / "shared").symlink_to(SHARED)
+    if CAMVID.is_dir():  # the CamVid configs read data/camvid from where they are run
+        (scratch / "data").mkdir()
+        (scratch / "data" / "camvid").symlink_to(CAMVID)
     shutil.copytree(demo_run, scratch / "work_dirs" / "segformer_synthetic")
     write_yaml(scratch / "tiny.yaml", tiny_config())
     return scratch
@@ -145,7 +146,7 @@ def test_every_code_block_runs(page, tmp_path, demo_run, request):
             check_yaml(block, scratch)
         elif block.lang == "bash":
             if "configs/camvid" in block.text and not CAMVID.is_dir():
-                continue  # needs ../shared/data/camvid (absent here)
+                continue  # needs ../shared/data/camvid (absent here), linked as data/camvid
             run(["bash", "-e", "-c", block.text], scratch, block)
         elif block.lang == "text":
             check_text(block)

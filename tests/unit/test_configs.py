@@ -50,7 +50,7 @@ def base_chain(path: Path) -> list[Path]:
 
 @pytest.mark.parametrize("path", TRAINING, ids=ids(TRAINING))
 def test_training_config_loads_validates_and_builds_its_model(path, monkeypatch):
-    if any("shared/data/camvid" in p.read_text() for p in base_chain(path)) and not CAMVID.is_dir():
+    if any("data/camvid" in p.read_text() for p in base_chain(path)) and not CAMVID.is_dir():
         pytest.skip(f"needs {CAMVID} (../shared is absent)")
     monkeypatch.chdir(REPO)  # data roots in the examples are relative to the repository root
     raw = load_config(path)

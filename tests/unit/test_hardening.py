@@ -403,3 +403,40 @@ def test_a_pixel_value_means_the_same_in_every_16_bit_or_float_image():
     high[0, 0] = 2.0
     assert image_to_rgb8(low)[0][1, 1, 0] == image_to_rgb8(high)[0][1, 1, 0] == 128  # round(0.5 * 255)
     assert image_to_rgb8(high)[0][0, 0, 0] == 255  # outside 0..1: clipped
+
+
+def test_the_shipped_camvid_config_reads_data_camvid_and_a_missing_root_names_the_key(tmp_path, monkeypatch, capsys,
+                                                                                      fresh_accelerate):
+    """Issue 23, finding 11: the shipped CamVid config read ../shared/data/camvid (this repository's
+    test layout) and "directory not found" did not say which key to set."""
+    from seg_accel.cli import train_cli
+    from tests.conftest import REPO
+
+    base = (REPO / "configs/_base_/datasets/camvid.yaml").read_text()
+    assert "shared" not in base and base.count("data_root: data/camvid") == 2
+    monkeypatch.chdir(tmp_path)
+    assert train_cli(["camvid/segformer_tiny_camvid_2k", "--work-dir", str(tmp_path / "work")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "data.train.data_root: data_root not found: data/camvid" in err[0], err
+    assert "--cfg-options data.train.data_root=/path/to/data data.val.data_root=/path/to/data" in err[0]
+
+
+def test_mmcv_fp16_spellings_point_at_mixed_precision_and_the_runtime_does_not_auto_resume(tmp_path, capsys):
+    """Issue 23, finding 11: `fp16 = dict(...)` and `Fp16OptimizerHook` errors did not point at
+    mixed_precision; the shipped runtime set auto_resume: true (MMSegmentation's default is off)."""
+    import yaml
+
+    from seg_accel.cli import train_cli
+    from tests.conftest import REPO
+
+    for extra, key in (({"fp16": {"loss_scale": 512.0}}, "fp16"),
+                       ({"optimizer_config": {"type": "Fp16OptimizerHook", "loss_scale": 512.0}}, "optimizer_config.type")):
+        assert train_cli([str(write_yaml(tmp_path / "exp.yaml", tiny_config(**extra)))]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert len(err) == 1 and f": {key}: " in err[0] and "mixed_precision: fp16" in err[0], err
+    kept = tiny_config(optimizer_config={"type": "OptimizerHook", "grad_clip": None})
+    kept["runner"]["max_iters"] = 1
+    kept["data"]["val"] = None
+    assert train_cli([str(write_yaml(tmp_path / "ok.yaml", kept)), "--work-dir", str(tmp_path / "w")]) == 0
+    runtime = yaml.safe_load((REPO / "configs/_base_/default_runtime.yaml").read_text())
+    assert runtime["auto_resume"] is False

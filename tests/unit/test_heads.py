@@ -147,7 +147,9 @@ def test_binary_head_with_one_sigmoid_channel(tmp_path, fresh_accelerate):
 def test_class_weights_script_reproduces_camvid_pixel_counts(camvid, tmp_path, monkeypatch):
     from seg_accel.cli import class_weights_cli
 
-    monkeypatch.chdir(REPO)  # the CamVid config's data_root is relative to the repository
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "camvid").symlink_to(camvid)  # the CamVid config reads data/camvid
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "weights.json"
     rc = class_weights_cli([str(REPO / "configs/camvid/segformer_tiny_camvid_2k.yaml"), "--method", "median_freq",
                             "--out", str(out)])

@@ -369,3 +369,39 @@ def test_a_custom_hook_at_30_sees_the_gradients_before_the_step_and_at_45_the_st
                 assert torch.equal(seen[("at 45", i - 1)][1], before[1])  # nothing else moves the weights
     finally:
         sys.modules.pop("gradient_hooks", None)
+
+
+MMCV_STYLE = textwrap.dedent("""
+    from seg_accel.engine.hooks import Hook
+    from seg_accel.registry import HOOKS
+
+    FIRED = []
+
+
+    @HOOKS.register()
+    class PortedFromMmcv(Hook):
+        \"\"\"A hook written for mmcv: its helpers decide when it runs.\"\"\"
+
+        def after_train_iter(self, runner):
+            if self.every_n_iters(runner, 2):
+                FIRED.append(("every 2", runner.iter))
+            if self.is_last_iter(runner):
+                FIRED.append(("last", runner.iter))
+""")
+
+
+def test_mmcv_hook_helpers_fire_at_mmcvs_iterations(tmp_path, monkeypatch, fresh_accelerate):
+    """Issue 23, finding 11: mmcv's Hook helpers were missing and runner.iter in after_train_iter is
+    one ahead of mmcv's, so a ported hook was off by one. mmcv (IterBasedRunner, max_iters 4):
+    every_n_iters(runner, 2) is true after the 2nd and 4th iterations, is_last_iter after the 4th."""
+    (tmp_path / "mmcv_style.py").write_text(MMCV_STYLE)
+    monkeypatch.chdir(tmp_path)
+    try:
+        cfg = tiny_config(custom_imports={"imports": ["mmcv_style"]}, custom_hooks=[{"type": "PortedFromMmcv"}])
+        cfg["data"]["val"] = None
+        make_trainer(tmp_path, cfg)[0].train()
+        import mmcv_style
+
+        assert mmcv_style.FIRED == [("every 2", 2), ("every 2", 4), ("last", 4)]
+    finally:
+        sys.modules.pop("mmcv_style", None)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, script_env, tiny_config, write_yaml
+from tests.conftest import script_env, tiny_config, write_yaml
 
 CLASSES = ["background", "circle", "square", "triangle"]
 
