@@ -3,7 +3,7 @@ to the folder layout of its config in ``configs/_base_/datasets/``."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from seg_accel.cli.common import run_cli
@@ -32,6 +32,27 @@ def convert_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def staged(out: Path, convert: Callable[[Path], dict[str, int]]) -> dict[str, int]:
+    """Convert into a staging folder beside ``out`` and move what it wrote into ``out`` once the
+    whole conversion has succeeded: a damaged archive (a bad CRC, a bomb) leaves no partial output
+    (and what ``out`` already held stays)."""
+    import os
+    import shutil
+
+    stage = out.parent / f".{out.name}.converting"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        counts = convert(stage)
+        for file in sorted(p for p in stage.rglob("*") if p.is_file()):
+            target = out / file.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return counts
+
+
 def _convert(args: argparse.Namespace) -> int:
     from seg_accel.data.converters import CONVERTERS
 
@@ -50,10 +71,11 @@ def _convert(args: argparse.Namespace) -> int:
         if args.clip < 1 or not 0 < args.stride <= args.clip:
             raise ConfigError(f"need clip >= 1 and 0 < stride <= clip, got {args.clip} and {args.stride}",
                               key="--stride")
-        counts = convert(source, Path(args.out), args.clip, args.stride)
+        counts = staged(Path(args.out), lambda out: convert(source, out, args.clip, args.stride))
+    elif args.dataset in IN_PLACE:
+        counts = convert(source, Path(args.out) if args.out else None)
     else:
-        counts = convert(source, Path(args.out) if args.out else None) if args.dataset in IN_PLACE else \
-            convert(source, Path(args.out))
+        counts = staged(Path(args.out), lambda out: convert(source, out))
     where = args.out or source
     print(f"{args.dataset}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" -> {where}")
     return 0

@@ -4,8 +4,8 @@ build: every command then fails while transformers imports)."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.metadata
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -18,8 +18,6 @@ DISTRIBUTIONS = {"segmentation_models_pytorch": "segmentation-models-pytorch"}
 
 def library_state(module: str) -> tuple[str, str]:
     """(version or "not installed", "ok" or why it does not import)."""
-    import importlib.util
-
     try:
         version = importlib.metadata.version(DISTRIBUTIONS.get(module, module))
     except importlib.metadata.PackageNotFoundError:

@@ -297,3 +297,25 @@ def test_a_member_that_understates_its_size_is_cut_off_at_the_limit():
     with pytest.raises(DataError, match="more than 8 MiB once unpacked"):
         read_capped(io.BufferedReader(Endless()), "big.tif", limit=8 * 2**20)
     assert read_capped(io.BytesIO(b"x" * 100), "small.tif", limit=8 * 2**20) == b"x" * 100
+
+
+def test_a_member_with_a_bad_crc_is_one_line_and_leaves_no_partial_output(tmp_path, capsys):
+    """Issue 23, finding 7: a bad-CRC zip gave a traceback and left the members converted before it."""
+    source = tmp_path / "src"
+    source.mkdir()
+    label = encoded(vessels(), "GIF")
+    with zipfile.ZipFile(source / "training.zip", "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("training/images/21_training.tif", encoded(rgb(), "TIFF"))
+        archive.writestr("training/mask/21_training_mask.gif", label)  # read after the image (by name)
+    data = bytearray((source / "training.zip").read_bytes())
+    at = data.rfind(label[-8:])  # inside the last member's stored bytes: its CRC no longer matches
+    data[at] ^= 0xFF
+    (source / "training.zip").write_bytes(bytes(data))
+    out = tmp_path / "DRIVE"
+    (out / "keep").mkdir(parents=True)
+    (out / "keep" / "earlier.txt").write_text("already here")
+    assert convert_cli(["drive", str(source), "--out", str(out)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
+    assert len(err) == 1 and "training/mask/21_training_mask.gif: the archive is damaged (BadZipFile" in err[0], err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["keep/earlier.txt"]
+    assert not list(tmp_path.glob(".*"))  # no staging folder left
