@@ -362,8 +362,10 @@ class PredictionWriter:
             target = folder / name
             target.mkdir(parents=True, exist_ok=True)
             names = self.classes if probs.shape[0] == len(self.classes) else self.classes[1:]
-            for channel, class_name in zip(probs, names):
+            for index, (channel, class_name) in enumerate(zip(probs, names)):
                 safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in class_name)
+                if not safe.strip(".") or safe.startswith("."):  # "..", "": not a file name of its own
+                    safe = f"class{index + len(self.classes) - len(names)}"
                 with atomic_file(target / f"{safe}.png") as tmp:
                     Image.fromarray(np.rint(channel * 255).clip(0, 255).astype(np.uint8)).save(tmp, format="PNG")
             return

@@ -233,3 +233,16 @@ def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path)
         assert predict_cli([str(tmp_path / "export"), str(images), "--out", str(images / "pred")]) == 0
     written = sorted(p.relative_to(images / "pred").as_posix() for p in (images / "pred").rglob("*.png"))
     assert written == ["labels/a.png", "labels/b.png", "overlays/a.png", "overlays/b.png"], written
+
+
+def test_a_class_named_dot_dot_gets_a_file_name_of_its_own(tmp_path):
+    """Issue 23, finding 7: a class named `..` became the hidden file `...png` among the probability
+    maps (and a path component elsewhere); such names get `class<index>`."""
+    import numpy as np
+
+    from seg_accel.inference.predict import PredictionWriter
+
+    writer = PredictionWriter(tmp_path, ["background", "..", ".hidden", "a/b"], np.zeros((4, 3), np.uint8), "png")
+    writer.write("img", np.zeros((4, 4), np.int64), np.full((4, 4, 4), 0.25, np.float32), None)
+    assert sorted(p.name for p in (tmp_path / "probs" / "img").iterdir()) == [
+        "a_b.png", "background.png", "class1.png", "class2.png"]
