@@ -11,6 +11,7 @@ import torch
 
 from seg_accel.errors import ConfigError
 from seg_accel.metrics.palette import default_palette, overlay_panel
+from seg_accel.runtime.storage import atomic_file
 
 
 class Overlays:
@@ -40,7 +41,13 @@ class Overlays:
             panel = overlay_panel(panels, self.dataset.classes, self.palette, self.opacity, present, self.ignore)
             target = self.show_dir / f"{self.dataset.sample_name(index)}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
-            panel.save(target)
+            with atomic_file(target) as tmp:
+                panel.save(tmp, format="PNG")
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    with atomic_file(path) as tmp:  # a full disk leaves the old chart or none, never half of one
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 def save_plots(out: Path, classes: list[str], cm: torch.Tensor, results: dict[str, Any]) -> list[Path]:
@@ -69,7 +76,7 @@ def save_plots(out: Path, classes: list[str], cm: torch.Tensor, results: dict[st
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     confusion_png = out.with_name(out.stem + "_confusion.png")
-    fig.savefig(confusion_png, dpi=100)
+    _save_figure(fig, confusion_png)
     plt.close(fig)
 
     written = [confusion_png, _bar_chart(plt, out, classes, results, "IoU", "tab:blue")]
@@ -90,7 +97,7 @@ def save_plots(out: Path, classes: list[str], cm: torch.Tensor, results: dict[st
         pr.set_title(f"precision-recall, AUC {results['AUC_PR']:.2f}%")
         fig.tight_layout()
         written.append(out.with_name(out.stem + "_roc_pr.png"))
-        fig.savefig(written[-1], dpi=100)
+        _save_figure(fig, written[-1])
         plt.close(fig)
     return written
 
@@ -109,7 +116,7 @@ def _bar_chart(plt: Any, out: Path, classes: list[str], results: dict[str, Any],
     ax.set_title(f"per-class {column}")
     fig.tight_layout()
     path = out.with_name(f"{out.stem}_{column.lower()}.png")
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -120,7 +127,7 @@ def save_per_image_csv(path: Path, rows: list[dict[str, Any]], dataset: Any) -> 
     import math
 
     columns = ["image", *[k for k in rows[0] if k != "index"]] if rows else ["image"]
-    with open(path, "w", newline="") as handle:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in rows:
