@@ -319,3 +319,11 @@ def test_a_member_with_a_bad_crc_is_one_line_and_leaves_no_partial_output(tmp_pa
     assert len(err) == 1 and "training/mask/21_training_mask.gif: the archive is damaged (BadZipFile" in err[0], err
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["keep/earlier.txt"]
     assert not list(tmp_path.glob(".*"))  # no staging folder left
+
+
+def test_converting_potsdam_leaves_the_decompression_bomb_limit_on(tmp_path):
+    """The Potsdam converter set PIL's MAX_IMAGE_PIXELS to None for the whole process: every image
+    read after it in that process (predict, training) lost its decompression-bomb protection."""
+    before = Image.MAX_IMAGE_PIXELS
+    test_potsdam_tiles_cut_and_colours_to_classes(tmp_path)
+    assert Image.MAX_IMAGE_PIXELS == before and before is not None
