@@ -246,9 +246,7 @@ class Trainer:
         return hook
 
     def _resume(self, model: torch.nn.Module) -> None:
-        path = self.checkpointer.restore(self.cfg.resume_from, self.cfg.auto_resume, model)
-        if path is not None:
-            check_not_finished(path, self.loop.iter, self.max_iters, self.cfg.runner.max_epochs, self.by_epoch)
+        self.resumed_from = self.checkpointer.restore(self.cfg.resume_from, self.cfg.auto_resume, model)
 
     def _build_train_loader(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -342,6 +340,8 @@ class Trainer:
     def train(self) -> dict[str, Any] | None:
         """Run the workflow to ``max_iters`` (``max_epochs``); the end-of-run hooks evaluate,
         save and export ``final/``. Returns the last evaluation's results."""
+        if self.resumed_from is not None:  # a resume at or past the end would only repeat the end
+            check_not_finished(self.resumed_from, self.loop.iter, self.max_iters, self.cfg.runner.max_epochs, self.by_epoch)
         acc = self.accelerator
         data_iter = iter(self.train_loader)
         val_iter = itertools.chain.from_iterable(itertools.repeat(self.val_loader)) \

@@ -14,7 +14,7 @@ from seg_accel.runtime.workdir import FINAL_DIR
 
 META = "meta.json"
 RUNNER_STATE = "runner_state.json"
-CHECKPOINT_CONFIG = "config.yaml"  # the resolved config of the run that saved the checkpoint
+CHECKPOINT_CONFIG = "run_config.yaml"  # the resolved config of the run that saved it (not config.yaml: that marks a work dir)
 PARTIAL = ".seg_accel_partial"  # marks a checkpoint being written: only such folders are cleaned up
 EXPORT_SUBDIR = "pretrained"  # a checkpoint's own export (best checkpoints, Hub pushes)
 _PERIODIC = re.compile(r"^(iter|epoch)_(\d+)$")
