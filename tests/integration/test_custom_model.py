@@ -107,8 +107,11 @@ def test_a_registered_plain_module_trains_resumes_evaluates_exports_and_publishe
         for key in ("loss", "decode.loss_ce", "aux.loss_ce", "decode.ohem_kept"):
             assert logged_b[i][key] == logged_a[i][key], (i, key)
 
-    # the export: one documented call, identical logits to the trained weights
+    # the export: one documented call, identical logits to the trained weights (once the module that
+    # registers the class is imported: an export names a class, never code to run; issue 23)
     monkeypatch.syspath_prepend(str(tmp_path))
+    import user_models  # noqa: F401
+
     model = seg_accel.load_model(tmp_path / "A" / "final")
     assert type(model).__name__ == "UserNet" and model.auxiliary_head is not None
     reference = build_model(seg_accel_model_config(cfg), ["background", "circle", "square", "triangle"])

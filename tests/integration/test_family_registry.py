@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,6 +20,7 @@ def test_no_file_of_seg_accel_names_the_toy_family():
         assert "toy_family" not in text and "ToyNet" not in text and "ToyFamily" not in text, path
 
 
+@pytest.mark.slow
 def test_a_family_registered_in_a_test_module_trains_exports_reloads_and_pushes(tmp_path, fresh_accelerate,
                                                                                 hub_server):
     import seg_accel

@@ -315,6 +315,7 @@ def test_the_token_leaves_in_no_commit_message_and_no_local_path_is_uploaded(tmp
     assert str(tmp_path) not in uploaded and "work_dir: ." in uploaded
 
 
+@pytest.mark.slow
 def test_disk_full_during_predict_leaves_no_partial_file_and_earlier_outputs_intact(tmp_path, tmpfs):
     """Issue 23, finding 3: a full disk while predict writes probability maps."""
     import numpy as np
@@ -402,6 +403,7 @@ def one_error_line(proc_stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_training_rank_killed_is_one_line_with_the_resume_command(tmp_path):
     command, path, work = rank_fault_run(tmp_path, at=5, rank=1)
@@ -417,6 +419,7 @@ def test_a_training_rank_killed_is_one_line_with_the_resume_command(tmp_path):
     assert verify(work / "iter_2") is None and verify(work / "iter_4") is None
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sigterm_to_the_parent_stops_every_process_with_one_line(tmp_path):
     import signal
@@ -444,6 +447,7 @@ def test_sigterm_to_the_parent_stops_every_process_with_one_line(tmp_path):
     assert leftover.stdout.strip() == "", "processes of the run outlived it"
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_an_evaluation_rank_killed_is_one_line(tmp_path):
     (tmp_path / "rank_faults.py").write_text(RANK_FAULTS)
@@ -462,6 +466,7 @@ def test_an_evaluation_rank_killed_is_one_line(tmp_path):
     assert one_error_line(proc.stderr) == "error: process 1 of 2 was killed (SIGKILL): every process stopped"
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_config_mistake_found_when_the_processes_build_the_model_is_one_line_and_exit_2(tmp_path):
     cfg = tiny_config()
@@ -496,6 +501,7 @@ def test_a_path_over_the_name_limit_is_one_line(tmp_path, capsys):
     assert code == 1 and len(err) == 1 and "File name too long" in err[0], err
 
 
+@pytest.mark.slow
 def test_export_onnx_on_a_full_disk_says_so_and_leaves_no_file(tmp_path, tmpfs):
     """Issue 23, finding 8: a full (or read-only) disk during export-onnx was reported as "cannot
     export ... try --exporter torchscript"."""

@@ -161,6 +161,7 @@ def best_folders(work):
     return sorted(p.name for p in work.glob("best_*") if (p / "manifest.json").is_file())
 
 
+@pytest.mark.slow
 def test_a_resume_at_a_checkpoint_that_was_also_the_best_keeps_the_best(tmp_path, fresh_accelerate):
     """The evaluation of iteration 4 is the best so far and 4 is also a checkpoint iteration; the run
     is killed right after it. The resumed run knows that best (score and folder), and at the end

@@ -8,6 +8,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from seg_accel.runtime.checkpoints import complete_checkpoints
 from seg_accel.runtime.manifest import verify
 from tests.conftest import REPO, script_env, tiny_config, write_yaml
@@ -29,6 +31,7 @@ SLOW = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_work_dir_in_use_stops_with_one_line_and_the_first_finishes_intact(tmp_path):
     import hashlib
     import json
@@ -67,6 +70,7 @@ def test_a_second_run_on_a_work_dir_in_use_stops_with_one_line_and_the_first_fin
     assert len(list(work.glob("*.log"))) == 1  # the refused run wrote no log of its own
 
 
+@pytest.mark.slow
 def test_a_lock_whose_holder_is_gone_is_taken_over_with_a_warning_and_another_hosts_is_not(tmp_path):
     import json
 

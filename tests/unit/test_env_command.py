@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import script_env, tiny_config, write_yaml
 
 BROKEN = 'raise RuntimeError("operator torchvision::nms does not exist")\n'
@@ -24,6 +26,7 @@ def test_env_lists_the_libraries_and_whether_torch_and_torchvision_match(capsys)
     assert torchvision_matches("2.13.0", "0.29.1") is False and torchvision_matches("?", "0.29") is None
 
 
+@pytest.mark.slow
 def test_a_broken_torchvision_is_one_line_naming_it_and_env(tmp_path):
     fakes = tmp_path / "fakes" / "torchvision"
     fakes.mkdir(parents=True)

@@ -73,6 +73,9 @@ def user_export(tmp_path: Path) -> Path:
     user.mkdir(exist_ok=True)
     (user / "user_net.py").write_text(USER_NET)
     sys.path.insert(0, str(user))
+    from seg_accel.registry import MODELS
+
+    MODELS._entries.pop("UserNet", None)  # another test's UserNet (a module of that name) would clash
     try:
         import user_net  # noqa: F401  (registers UserNet)
 
@@ -169,6 +172,7 @@ def test_a_crafted_export_on_the_hub_never_runs(tmp_path, kind, hub_server, monk
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_user_module_export_loads_when_registered_or_trusted_and_only_then(tmp_path):
     folder = user_export(tmp_path)
     image = tmp_path / "image.png"
