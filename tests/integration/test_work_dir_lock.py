@@ -37,7 +37,7 @@ def test_a_second_run_on_a_work_dir_in_use_stops_with_one_line_and_the_first_fin
     import json
 
     (tmp_path / "slow.py").write_text(SLOW)
-    cfg = tiny_config(custom_imports={"imports": ["slow"]}, custom_hooks=[{"type": "Slow", "seconds": 0.4}],
+    cfg = tiny_config(custom_imports={"imports": ["slow"]}, custom_hooks=[{"type": "Slow", "seconds": 1.5}],
                       checkpoint_config={"interval": 4, "max_keep_ckpts": -1})
     cfg["runner"]["max_iters"] = 12
     cfg["data"]["val"] = None
