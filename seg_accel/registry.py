@@ -102,7 +102,10 @@ class Registry:
             if name.lower() in folded:
                 return folded[name.lower()]
         if self._fallback is not None:
-            found = self._fallback(name)
+            try:
+                found = self._fallback(name)
+            except ConfigError as exc:
+                raise exc.located(key) from None
             if found is not None:
                 return found
         if "." in name:
@@ -235,7 +238,22 @@ def _torch_optimizer_names() -> list[str]:
     return [n for n in dir(torch.optim) if _torch_optimizer(n) is not None]
 
 
-def _transformers_model(name: str) -> Any:
+# segmentation_models_pytorch's architectures, named ``smp.<name>`` in configs (checked against
+# smp itself in tests/unit/test_smp.py; listed here so that naming them imports nothing)
+SMP_ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet",
+                     "PAN", "UPerNet", "Segformer", "DPT")
+
+
+def _library_model(name: str) -> Any:
+    """``smp.<architecture>`` (imports segmentation_models_pytorch only then) or a transformers
+    ``*ForSemanticSegmentation`` class."""
+    if name.startswith("smp."):
+        if name[4:] not in SMP_ARCHITECTURES:
+            raise ConfigError(f"unknown segmentation_models_pytorch architecture '{name}'."
+                              + did_you_mean(name, [f"smp.{a}" for a in SMP_ARCHITECTURES]), )
+        import segmentation_models_pytorch
+
+        return getattr(segmentation_models_pytorch, name[4:])
     if not (name.endswith("ForSemanticSegmentation")):
         return None
     import transformers
@@ -243,10 +261,11 @@ def _transformers_model(name: str) -> Any:
     return getattr(transformers, name, None)
 
 
-def _transformers_model_names() -> list[str]:
+def _library_model_names() -> list[str]:
     import transformers
 
-    return [n for n in dir(transformers) if n.endswith("ForSemanticSegmentation")]
+    return [n for n in dir(transformers) if n.endswith("ForSemanticSegmentation")] + \
+        [f"smp.{a}" for a in SMP_ARCHITECTURES]
 
 
 LOSSES = Registry(
@@ -270,8 +289,8 @@ MOMENTUM_POLICIES = Registry(
     "momentum policy", builtin_modules=["seg_accel.optim.schedules"], key="policy", runtime_args=("max_iters",),
     case_insensitive=True,
 )
-MODELS = Registry("model", runtime_args=("num_classes",), fallback=_transformers_model,
-                  extra_names=_transformers_model_names)
+MODELS = Registry("model", runtime_args=("num_classes",), fallback=_library_model,
+                  extra_names=_library_model_names)
 
 
 def list_losses() -> list[str]:

@@ -65,6 +65,41 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
+class AuxiliaryHeadConfig(HeadConfig):
+    """``model.auxiliary_head``: its losses and, for a model whose family builds the head (smp),
+    MMSegmentation's ``FCNHead`` options: the encoder feature it reads (``in_index``), its
+    width (``channels``), ``num_convs`` convolutions of ``kernel_size``, ``concat_input`` and
+    ``dropout_ratio``. Unset options take the family's defaults; a family whose models bring
+    their own auxiliary head (transformers) takes none of them."""
+
+    in_index: int | None = None
+    channels: int | None = None
+    num_convs: int | None = None
+    kernel_size: int | None = None
+    concat_input: bool | None = None
+    dropout_ratio: float | None = None
+
+    HEAD_OPTIONS = ("in_index", "channels", "num_convs", "kernel_size", "concat_input", "dropout_ratio")
+
+    def head_options(self) -> dict[str, Any]:
+        """The head options set in the config."""
+        return {name: getattr(self, name) for name in self.HEAD_OPTIONS if getattr(self, name) is not None}
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        for name in ("channels", "kernel_size"):
+            if getattr(self, name) is not None:
+                _positive(getattr(self, name), f"{key}.{name}")
+        if self.num_convs is not None:
+            _positive(self.num_convs, f"{key}.num_convs", 0)
+        if self.kernel_size is not None and self.kernel_size % 2 == 0:
+            raise ConfigError(f"must be odd (the head keeps the feature's size), got {self.kernel_size}",
+                              key=f"{key}.kernel_size")
+        if self.dropout_ratio is not None and not 0 <= self.dropout_ratio < 1:
+            raise ConfigError(f"must be in [0, 1), got {self.dropout_ratio}", key=f"{key}.dropout_ratio")
+
+
+@dataclass(frozen=True)
 class DecodeHeadConfig(HeadConfig):
     """``model.decode_head``: ``out_channels: 1`` makes a binary (two-class) head with one
     sigmoid channel, predicting the second class where ``sigmoid > threshold``."""
@@ -117,7 +152,7 @@ class ModelConfig:
     pretrained: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     decode_head: DecodeHeadConfig = field(default_factory=DecodeHeadConfig)
-    auxiliary_head: HeadConfig | None = None
+    auxiliary_head: AuxiliaryHeadConfig | None = None
     test_cfg: TestConfig = field(default_factory=TestConfig)
     # weights for the backbone only (UperNet's `backbone`, else the base model: `dpt`, `beit`,
     # `segformer`): a Hub id or save_pretrained folder of an ImageNet backbone

@@ -130,7 +130,8 @@ def build_model_card(
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
     )
-    classes = [model_config.get("id2label", {}).get(str(i), str(i)) for i in range(len(model_config.get("id2label", {})))]
+    id2label = family.id2label(model_config)
+    classes = [id2label.get(str(i), str(i)) for i in range(len(id2label))]
     lines = [f"# {model_name}", "",
              f"A `{architecture}` for semantic segmentation of {len(classes)} classes, trained on "
              f"{'[' + dataset['hub_id'] + '](https://huggingface.co/datasets/' + dataset['hub_id'] + ')' if dataset['hub_id'] else dataset['type']}"

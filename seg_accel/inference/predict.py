@@ -170,7 +170,7 @@ class Predictor:
         """An export folder or Hub id alone: classes from its ``id2label``, the pipeline from its
         image processor, whole-image inference. Nothing the export names is imported unless
         ``trust_remote_code``."""
-        from seg_accel.models import load_model, resolve_export
+        from seg_accel.models import family_of_model, load_model, resolve_export
 
         try:
             folder = resolve_export(source)
@@ -178,7 +178,7 @@ class Predictor:
         except (OSError, ImportError, ValueError) as exc:
             raise ConfigError(f"cannot load the model: {exc}", key="SOURCE") from exc
         config = json.loads((folder / "config.json").read_text())
-        id2label = config.get("id2label") or {}
+        id2label = family_of_model(model).id2label(config)
         names = [id2label[k] for k in sorted(id2label, key=int)] if id2label else []
         if len(names) == 1:  # a 1-channel sigmoid head: its channel is the second class
             names = ["background", names[0]]

@@ -38,6 +38,13 @@ def check_model_config(model_cfg: ModelConfig, key: str = "model", classes: list
     family = model_family(model_cfg.type, f"{key}.type")
     if model_cfg.auxiliary_head is not None and family.has_auxiliary_head(model_cfg) is False:
         raise ConfigError(f"{model_cfg.type} has no auxiliary head; remove auxiliary_head", key=f"{key}.auxiliary_head")
+    if model_cfg.auxiliary_head is not None and not family.builds_auxiliary_head:
+        options = model_cfg.auxiliary_head.head_options()
+        if options:
+            first = next(iter(options))
+            raise ConfigError(f"{model_cfg.type} brings its own auxiliary head ({family.name} family): "
+                              f"{', '.join(options)} are FCN head options for models whose head seg-accel builds "
+                              "(smp); set the head's size in the model's own config", key=f"{key}.auxiliary_head.{first}")
     family.check(model_cfg, list(classes or []), key)
 
 
@@ -168,7 +175,7 @@ def export_model(model: nn.Module, folder: Path, classes: list[str], processor: 
     family.export(model, folder, list(classes), state_dict=state_dict)
     config_file = folder / EXPORT_CONFIG
     config = json.loads(config_file.read_text())
-    config[EXPORT_FAMILY_KEY] = family.name  # which family loads it again
+    config[family.export_metadata_prefix + EXPORT_FAMILY_KEY] = family.name  # which family loads it again
     config_file.write_text(json.dumps(config, indent=2) + "\n")
     if processor is not None:
         processor.save_pretrained(folder)

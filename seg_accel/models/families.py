@@ -89,7 +89,7 @@ def family_of_model(model: nn.Module) -> ModelFamily:
 def family_of_export(config: dict[str, Any], folder: Any = "the export") -> ModelFamily:
     """The family that reads an export whose ``config.json`` is ``config``: the one it names,
     else (an export written before exports named their family) the first that recognises it."""
-    name = config.get(EXPORT_FAMILY_KEY)
+    name = config.get(EXPORT_FAMILY_KEY, config.get("_" + EXPORT_FAMILY_KEY))
     if name is not None:
         family = family_named(str(name))
         if family is None:

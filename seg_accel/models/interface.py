@@ -99,6 +99,11 @@ class ModelFamily:
     follows the interface by itself."""
 
     name = "model"  # recorded in every export's config.json (``seg_accel_family``)
+    # prefix of seg-accel's own entries in an export's config.json ("_" where the library
+    # that reads the folder passes every other entry to the model's constructor: smp)
+    export_metadata_prefix = ""
+    # whether the family builds ``model.auxiliary_head`` from its head options (in_index, ...)
+    builds_auxiliary_head = False
 
     # -- recognising ----------------------------------------------------------------------
     @classmethod
@@ -201,6 +206,10 @@ class ModelFamily:
         for file in sorted(Path(folder).glob("*.safetensors")):
             state.update(load_file(str(file)))
         return state
+
+    def id2label(self, config: dict[str, Any]) -> dict[str, str]:
+        """The class names of an export (``{"0": name, ...}``) from its ``config.json``."""
+        return dict(config.get("id2label") or {})
 
     def describe_export(self, config: dict[str, Any]) -> dict[str, str]:
         """For the model card: ``architecture`` (class name), ``library`` (the Hub's

@@ -28,5 +28,9 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
 def test_setup_installs_torch_first_and_keeps_an_existing_one():
     setup = "\n".join(line for line in (REPO / "scripts/setup.sh").read_text().splitlines()
                       if not line.lstrip().startswith("#"))
-    assert setup.index("import torch") < setup.index("torch==2.13.0") < setup.index("pip install -q -e")
+    # torch and torchvision as a matching pair (smp and timm need torchvision); an existing torch
+    # is kept and only given its torchvision
+    assert setup.index("import torch") < setup.index("torch==2.14.1 torchvision==0.29.1") < \
+        setup.index("pip install -q -e")
+    assert setup.index("import torchvision") < setup.index('pip install -q torchvision "torch==$have"')
     assert "--system-site-packages" in setup
