@@ -439,6 +439,8 @@ class SmpFamily(ModelFamily):
 
         params = constructor_parameters(self.arch_cls)
         kwargs = {k: v for k, v in config.items() if k in params}
+        if str(kwargs.get("encoder_name", "")).startswith("tu-"):  # a timm encoder's extra arguments (encoder_params)
+            kwargs.update({k: v for k, v in config.items() if k not in params and not k.startswith("_")})
         outputs = kwargs.get("classes")
         if not isinstance(outputs, int) or isinstance(outputs, bool) or not 1 <= outputs <= MAX_EXPORT_CLASSES:
             raise ValueError(f"{folder}/config.json: classes must be an integer from 1 to {MAX_EXPORT_CLASSES}, "
