@@ -126,7 +126,10 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
     except ConfigError as exc:
         if args.debug:
             raise
-        if is_main_process():
+        # the main process reports it; under seg-accel's launcher every process does (another
+        # may fail first and have the launcher stop the main process before it prints) and the
+        # launcher passes the line on once
+        if is_main_process() or os.environ.get("SEG_ACCEL_LAUNCHED") == "1":
             report(f"error: {exc}")
         return 2
     except (DataError, TrainingError) as exc:

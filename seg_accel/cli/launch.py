@@ -100,6 +100,7 @@ class _StderrFilter(_Pump):
         self._field: dict[str, int] = {}
         self._in_root = False
         self.held: list[bytes] = []
+        self._errors_seen: set[bytes] = set()
 
     def feed(self, chunk: bytes, final: bool = False) -> None:
         data = self.pending + chunk
@@ -142,6 +143,12 @@ class _StderrFilter(_Pump):
             return
         if _LAUNCHER_LOG.match(tail):
             return
+        if tail.startswith(b"error: "):
+            # every process reports a config error (the first to fail may take the others down
+            # before the main process prints): the same line once
+            if tail in self._errors_seen:
+                return
+            self._errors_seen.add(tail)
         if _PEER_STOPPED in tail:
             self.held.append(tail + end)
             return
@@ -187,6 +194,9 @@ def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
         return
 
 
+LAUNCHED_ENV = "SEG_ACCEL_LAUNCHED"  # set for the processes seg-accel starts: their config errors come through this filter
+
+
 class _Terminated(Exception):
     """SIGTERM to the parent while its processes run."""
 
@@ -205,7 +215,7 @@ def launch(module: str, argv: list[str], launch_args: list[str], on_stop: Callab
     from seg_accel.threads import launcher_environment
 
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", module, *argv]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **launcher_environment(num_processes)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **launcher_environment(num_processes), LAUNCHED_ENV: "1"}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     errors = _StderrFilter(proc.stderr, sys.stderr.buffer)
     pumps = [_Pump(proc.stdout, sys.stdout.buffer), errors]
