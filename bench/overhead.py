@@ -12,7 +12,12 @@ gives ratios of the per-iteration median times and of the total times; the media
 those ratios are reported (pairs cancel the slow drifts of a shared machine; per-iteration
 medians ignore its spikes, totals include the checkpoint saves).
 
-Run: python bench/overhead.py [--iters 100] [--repeats 9] [--checkpoint-interval 100] [--threads N]
+`--model smp-unet-r18`: an smp UNet on a ResNet-18 encoder (random init) instead, the plain
+loop building it with `segmentation_models_pytorch.Unet` itself (what a Lightning/smp user
+writes by hand). `--loaded`: with a competing busy-loop process per core (bench/load.py).
+
+Run: python bench/overhead.py [--model segformer|smp-unet-r18] [--loaded] [--iters 100] [--repeats 9]
+     [--checkpoint-interval 100] [--threads N]
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ from seg_accel.data.base import SegDataset  # noqa: E402
 from seg_accel.registry import DATASETS  # noqa: E402
 
 SIZE, BATCH, SAMPLES, WARMUP = 64, 8, 64, 10
+SMP_UNET = {"type": "smp.Unet", "encoder_name": "resnet18", "encoder_weights": None}
+MODEL = {"name": "segformer"}  # set by --model
 
 
 def make_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +79,7 @@ def config(work_dir: str, iters: int, checkpoint_interval: int) -> dict:
 
     demo = yaml.safe_load((REPO / "configs/demo/segformer_synthetic.yaml").read_text())
     return {
-        "model": demo["model"],
+        "model": dict(SMP_UNET) if MODEL["name"] == "smp-unet-r18" else demo["model"],
         "data": {"samples_per_gpu": BATCH, "workers_per_gpu": 0, "train": {"type": "InMemoryShapes"}},
         "optimizer": {"type": "AdamW", "lr": 0.002, "weight_decay": 0.01},
         "lr_config": {"policy": "poly", "power": 1.0, "min_lr": 0.0, "by_epoch": False},
@@ -142,8 +149,13 @@ def run_bare(iters: int) -> float:
     import yaml
 
     demo = yaml.safe_load((REPO / "configs/demo/segformer_synthetic.yaml").read_text())
-    model = build_model(parse_section(demo["model"], ModelConfig, "model"),
-                        ["background", "circle", "square", "triangle"])
+    if MODEL["name"] == "smp-unet-r18":
+        import segmentation_models_pytorch as smp
+
+        model = smp.Unet(encoder_name="resnet18", encoder_weights=None, classes=4)
+    else:
+        model = build_model(parse_section(demo["model"], ModelConfig, "model"),
+                            ["background", "circle", "square", "triangle"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.002, weight_decay=0.01)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -154,8 +166,9 @@ def run_bare(iters: int) -> float:
         position += BATCH
         pixel_values, labels = DATA[0][index], DATA[1][index]
         with accelerator.accumulate(model):
-            logits = model(pixel_values=pixel_values).logits
-            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            logits = model(pixel_values) if MODEL["name"] == "smp-unet-r18" else model(pixel_values=pixel_values).logits
+            if logits.shape[-2:] != labels.shape[-2:]:
+                logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
             loss = F.cross_entropy(logits, labels, ignore_index=255)
             accelerator.backward(loss)
             optimizer.step()
@@ -169,23 +182,33 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--checkpoint-interval", type=int, default=100)
+    parser.add_argument("--model", choices=["segformer", "smp-unet-r18"], default="segformer")
+    parser.add_argument("--loaded", action="store_true", help="with a competing busy-loop process per core")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 leaves a core to the machine's own noise")
     args = parser.parse_args()
+    MODEL["name"] = args.model
     if args.threads:
         torch.set_num_threads(args.threads)
     import logging
 
     logging.getLogger("seg_accel").disabled = True  # the console line costs the same either way
+    import contextlib
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from load import competing_load
+
     run_bare(20)  # the unmeasured round
     run_trainer(20, 10)
     bare, ours = [], []
-    for _ in range(args.repeats):
-        bare.append(run_bare(args.iters))
-        ours.append(run_trainer(args.iters, args.checkpoint_interval))
+    with competing_load() if args.loaded else contextlib.nullcontext():
+        for _ in range(args.repeats):
+            bare.append(run_bare(args.iters))
+            ours.append(run_trainer(args.iters, args.checkpoint_interval))
     median_ratio = statistics.median(o[0] / b[0] for o, b in zip(ours, bare))
     total_ratio = statistics.median(o[1] / b[1] for o, b in zip(ours, bare))
-    print(f"trainer overhead: {args.iters} iterations (after {WARMUP} warm-up), batch {BATCH} x {SIZE}x{SIZE}, "
+    print(f"trainer overhead, {args.model}{', loaded (a busy loop per core)' if args.loaded else ', idle'}: "
+          f"{args.iters} iterations (after {WARMUP} warm-up), batch {BATCH} x {SIZE}x{SIZE}, "
           f"{torch.get_num_threads()} threads, {args.repeats} alternating pairs")
     print("| loop | ms/iter (median) | seconds (total) | vs bare: per-iteration median | vs bare: total |")
     print("|---|---|---|---|---|")

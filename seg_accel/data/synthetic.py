@@ -134,3 +134,80 @@ class SyntheticShapes(SegDataset):
         return render_shapes(
             rng, self.height, self.width, self.max_shapes, self.min_size, self.max_size, self.colour_jitter
         )
+
+
+CURVE_CLASSES = ("background", "curve")
+
+
+def render_curves(rng: np.random.Generator, height: int, width: int, num_curves: tuple[int, int],
+                  widths: tuple[float, float], contrast: float) -> tuple[np.ndarray, np.ndarray]:
+    """Thin structures: smooth random curves (cubic Bezier) of ``widths`` pixels on a random
+    texture, slightly darker or lighter than it (``contrast``: the difference in grey levels),
+    as vessels or cracks are. Image (H, W, 3) uint8, label (H, W) uint8 (1 on a curve)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = _texture(rng, yy, xx) * 0.6 + 50  # a muted background: the curves carry little contrast
+    label = np.zeros((height, width), dtype=np.uint8)
+    steps = np.linspace(0, 1, 4 * (height + width))[:, None]
+    for _ in range(int(rng.integers(num_curves[0], num_curves[1] + 1))):
+        points = rng.uniform([0, 0], [height, width], (4, 2))
+        curve = ((1 - steps) ** 3 * points[0] + 3 * (1 - steps) ** 2 * steps * points[1]
+                 + 3 * (1 - steps) * steps ** 2 * points[2] + steps ** 3 * points[3])
+        radius = rng.uniform(*widths) / 2
+        mask = np.zeros((height, width), dtype=bool)
+        reach = int(math.ceil(radius)) + 1
+        for cy, cx in curve:  # a disc around each point along the curve (sub-pixel centres)
+            y0, y1 = max(0, int(cy) - reach), min(height, int(cy) + reach + 1)
+            x0, x1 = max(0, int(cx) - reach), min(width, int(cx) + reach + 1)
+            if y0 >= y1 or x0 >= x1:
+                continue
+            dy, dx = yy[y0:y1, x0:x1] + 0.5 - cy, xx[y0:y1, x0:x1] + 0.5 - cx
+            mask[y0:y1, x0:x1] |= dy * dy + dx * dx <= radius * radius
+        sign = 1 if rng.random() < 0.5 else -1
+        img[mask] = img[mask] + sign * contrast + rng.normal(0, 4, (int(mask.sum()), 3))
+        label[mask] = 1
+    return np.clip(img, 0, 255).astype(np.uint8), label
+
+
+@DATASETS.register()
+class SyntheticCurves(SegDataset):
+    """Thin structures for vessel- or crack-like tasks: ``num_curves`` random smooth curves
+    ``curve_width`` pixels wide ([min, max], default 1-3) on random textures, each a little
+    darker or lighter than the background (``contrast`` grey levels); classes background,
+    curve. Deterministic per ``seed`` and index (use different seeds for train and val)."""
+
+    def __init__(self, num_samples: int = 200, img_size: list[int] | int = 128, seed: int = 0,
+                 num_curves: list[int] | None = None, curve_width: list[float] | None = None,
+                 contrast: float = 40.0, pipeline: list[dict] | None = None):
+        size = [img_size, img_size] if isinstance(img_size, int) else list(img_size)
+        if len(size) != 2 or min(size) < 8:
+            raise ConfigError(f"must be [h, w] with both >= 8, got {img_size}", key="img_size")
+        if num_samples < 1:
+            raise ConfigError(f"must be >= 1, got {num_samples}", key="num_samples")
+        curves = list(num_curves or [2, 6])
+        if len(curves) != 2 or not 1 <= curves[0] <= curves[1]:
+            raise ConfigError(f"must be [min, max] with 1 <= min <= max, got {num_curves}", key="num_curves")
+        widths = list(curve_width or [1.0, 3.0])
+        if len(widths) != 2 or not 0 < widths[0] <= widths[1]:
+            raise ConfigError(f"must be [min, max] pixels with 0 < min <= max, got {curve_width}", key="curve_width")
+        super().__init__(pipeline)
+        self.num_samples, (self.height, self.width), self.seed = num_samples, size, seed
+        self.num_curves, self.widths, self.contrast = (curves[0], curves[1]), (widths[0], widths[1]), contrast
+
+    @classmethod
+    def resolve_classes(cls, **kwargs) -> list[str]:
+        return list(CURVE_CLASSES)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def describe(self, index: int) -> str:
+        return f"SyntheticCurves(seed={self.seed})[{index}]"
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.height, self.width
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"{self.describe(index)}: index out of range (num_samples={self.num_samples})")
+        return render_curves(np.random.default_rng([self.seed, index]), self.height, self.width, self.num_curves,
+                             self.widths, self.contrast)

@@ -33,6 +33,10 @@ RECIPE_PARAMS = {
 }
 
 
+# the table of the smp recipes in docs/models.md (parameter counts measured by the test below)
+SMP_TABLE = (REPO / "docs" / "models.md").read_text().split("<!-- smp recipes -->", 2)[1]
+
+
 def ids(paths: list[Path]) -> list[str]:
     return [str(p.relative_to(REPO)) for p in paths]
 
@@ -54,18 +58,25 @@ def test_training_config_loads_validates_and_builds_its_model(path, monkeypatch)
         pytest.skip(f"needs {CAMVID} (../shared is absent)")
     monkeypatch.chdir(REPO)  # data roots in the examples are relative to the repository root
     raw = load_config(path)
-    options = [f"model.{key}=null" for key in ("pretrained", "backbone_pretrained") if raw.dict["model"].get(key)]
+    options = [f"model.{key}=null" for key in ("pretrained", "backbone_pretrained", "encoder_weights")
+               if raw.dict["model"].get(key)]
     cfg = validate_train_config(load_config(path, options))
     assert cfg.classes and (cfg.runner.max_iters or cfg.runner.max_epochs)
     model = build_model(cfg.model, cfg.classes)  # full size, random init
-    assert model.config.num_labels == len(cfg.classes)
-    assert model.config.id2label[len(cfg.classes) - 1] == cfg.classes[-1]
+    from seg_accel.models import family_of_model, segmentation_logits
+
+    assert family_of_model(model).output_channels(model) == len(cfg.classes)
+    if hasattr(model, "config") and hasattr(model.config, "id2label"):  # transformers
+        assert model.config.id2label[len(cfg.classes) - 1] == cfg.classes[-1]
     params = sum(p.numel() for p in model.parameters()) / 1e6
     if path.name in RECIPE_PARAMS:
         assert abs(params - RECIPE_PARAMS[path.name]) / RECIPE_PARAMS[path.name] < 0.05, params
+    if path.parent.name == "smp":  # the parameter counts docs/models.md gives, as measured here
+        assert f"| `{path.relative_to(REPO)}` |" in SMP_TABLE and f"| {params:.2f}M |" in \
+            SMP_TABLE.split(f"| `{path.relative_to(REPO)}` |", 1)[1].split("\n", 1)[0], (path, params)
     if params < 5:  # the small example models also run a forward pass
         with torch.no_grad():
-            logits = model.eval()(pixel_values=torch.randn(1, 3, 64, 64)).logits
+            logits = segmentation_logits(model.eval(), torch.randn(1, 3, 64, 64))
         assert logits.shape[1] == len(cfg.classes)
 
 
