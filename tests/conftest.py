@@ -145,3 +145,25 @@ SCHEDULED = dict(
     momentum_config={"policy": "cyclic", "cyclic_times": 2},
     log_config={"interval": 1},
 )
+
+
+def binary_shape_folders(root: Path, num_samples: int, img_size: int, pipelines: dict[str, list]) -> dict[str, dict]:
+    """SyntheticShapes written as a binary (background/shape) CustomDataset per split (train
+    seed 0, val seed 1): ``{split: data section}``."""
+    import numpy as np
+    from PIL import Image
+
+    from seg_accel.data.synthetic import SyntheticShapes
+
+    sections = {}
+    for seed, split in enumerate(("train", "val")):
+        (root / split / "img").mkdir(parents=True)
+        (root / split / "ann").mkdir()
+        shapes = SyntheticShapes(num_samples=num_samples, img_size=img_size, seed=seed)
+        for i in range(num_samples):
+            img, label = shapes.load(i)
+            Image.fromarray(img).save(root / split / "img" / f"{i}.png")
+            Image.fromarray((label > 0).astype(np.uint8)).save(root / split / "ann" / f"{i}.png")
+        sections[split] = {"type": "CustomDataset", "data_root": str(root / split), "img_dir": "img", "ann_dir": "ann",
+                           "img_suffix": ".png", "classes": ["background", "shape"], "pipeline": pipelines[split]}
+    return sections

@@ -58,8 +58,9 @@ def export_folder(tmp_path, model_section, size=None):
     return tmp_path / "export"
 
 
-@pytest.mark.slow  # five exports (~40 s): CI runs it in its slow step
-@pytest.mark.parametrize("family", ["segformer", "upernet_convnext", "dpt", "beit", "module"])
+@pytest.mark.slow  # eight exports (~70 s): CI runs it in its slow step
+@pytest.mark.parametrize("family", ["segformer", "upernet_convnext", "dpt", "beit", "module", "smp.Unet",
+                                    "smp.DeepLabV3Plus", "smp.FPN"])
 def test_each_family_exports_with_parity(tmp_path, family, monkeypatch):
     from seg_accel.inference.onnx_export import export_with_parity
 
@@ -69,6 +70,10 @@ def test_each_family_exports_with_parity(tmp_path, family, monkeypatch):
         import onnx_models  # noqa: F401  (registers OnnxNet)
 
         section, size = {"type": "OnnxNet", "width": 8}, (48, 64)
+    elif family.startswith("smp."):  # 48 x 80: not multiples of 32, the input is padded inside the graph
+        from tests.unit.test_smp import smp_model
+
+        section, size = smp_model(family[4:]), (48, 80)
     else:
         section = ARCHITECTURES[family]
         size = (32, 32) if family in ("dpt", "beit") else (64, 64)  # the ViTs: their config's image size

@@ -112,11 +112,13 @@ def test_unreachable_encoder_weights_under_two_processes_is_one_line_and_exit_2(
                                                    "encoder_weights 'imagenet' for resnet18 (HF_HUB_OFFLINE is set)"), lines
 
 
-def test_an_smp_model_pushed_to_the_hub_loads_in_both_ways_with_a_card(tmp_path, hub_server):
+@pytest.mark.parametrize("arch", ["Unet", pytest.param("DeepLabV3Plus", marks=pytest.mark.slow),
+                                  pytest.param("FPN", marks=pytest.mark.slow)])
+def test_an_smp_model_pushed_to_the_hub_loads_in_both_ways_with_a_card(arch, tmp_path, hub_server):
     from huggingface_hub import ModelCard
 
-    repo_id = "tester/tiny-unet"
-    cfg = smp_config(iters=2)
+    repo_id = f"tester/tiny-{arch.lower()}"
+    cfg = smp_config(arch, iters=2)
     cfg["push_to_hub"] = {"repo_id": repo_id, "strategy": "end", "retries": 2, "retry_wait": 0.1}
     path = write_yaml(tmp_path / "exp.yaml", cfg)
     proc = run_script([TRAIN, str(path), "--work-dir", str(tmp_path / "work")], cwd=tmp_path, HF_HUB_OFFLINE="0")
@@ -126,7 +128,7 @@ def test_an_smp_model_pushed_to_the_hub_loads_in_both_ways_with_a_card(tmp_path,
     card = ModelCard.load(repo_id)
     assert card.data.library_name == "segmentation-models-pytorch"
     assert f'smp.from_pretrained("{repo_id}")' in card.text and f'seg_accel.load_model("{repo_id}")' in card.text
-    assert "smp.Unet (resnet18)" in card.text
+    assert f"smp.{arch} (resnet18)" in card.text
 
     from seg_accel.models import load_model
 

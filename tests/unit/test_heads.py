@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from seg_accel.config import load_config
 from seg_accel.engine import Trainer
 from seg_accel.validate import validate_train_config
 from seg_accel.losses import CrossEntropyLoss, DiceLoss, resize_logits
-from tests.conftest import CAMVID, REPO, tiny_config, write_yaml
+from tests.conftest import CAMVID, REPO, binary_shape_folders, tiny_config, write_yaml
 from tests.unit.test_models import ARCHITECTURES
 
 MULTI = {"loss_decode": [{"type": "CrossEntropyLoss", "loss_weight": 1.0},
@@ -114,21 +113,8 @@ def test_class_weight_file_of_the_wrong_length(tmp_path, capsys, monkeypatch):
 
 
 def test_binary_head_with_one_sigmoid_channel(tmp_path, fresh_accelerate):
-    from seg_accel.data.synthetic import SyntheticShapes
-
-    for split, seed in (("train", 0), ("val", 1)):
-        (tmp_path / split / "img").mkdir(parents=True)
-        (tmp_path / split / "ann").mkdir()
-        shapes = SyntheticShapes(num_samples=6, img_size=32, seed=seed)
-        for i in range(6):
-            img, label = shapes.load(i)
-            Image.fromarray(img).save(tmp_path / split / "img" / f"{i}.png")
-            Image.fromarray((label > 0).astype(np.uint8)).save(tmp_path / split / "ann" / f"{i}.png")
     cfg = tiny_config()
-    for split in ("train", "val"):
-        cfg["data"][split] = {"type": "CustomDataset", "data_root": str(tmp_path / split), "img_dir": "img",
-                              "ann_dir": "ann", "img_suffix": ".png", "classes": ["background", "shape"],
-                              "pipeline": cfg["data"][split]["pipeline"]}
+    cfg["data"].update(binary_shape_folders(tmp_path, 6, 32, {s: cfg["data"][s]["pipeline"] for s in ("train", "val")}))
     cfg["model"]["decode_head"] = {"out_channels": 1, "threshold": 0.4,
                                    "loss_decode": {"type": "CrossEntropyLoss", "use_sigmoid": True}}
     trainer = make_trainer(tmp_path, cfg)

@@ -16,7 +16,7 @@ from seg_accel.config.schema import ModelConfig
 from seg_accel.config.types import parse_section
 from seg_accel.errors import ConfigError
 from seg_accel.registry import MODELS, SMP_ARCHITECTURES
-from tests.conftest import NORMALIZE, REPO, json_log, make_trainer, run_script, tiny_config, write_yaml
+from tests.conftest import NORMALIZE, REPO, binary_shape_folders, json_log, make_trainer, run_script, tiny_config, write_yaml
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 
@@ -270,23 +270,8 @@ def test_the_auxiliary_fcn_head_trains_is_logged_and_stays_out_of_the_export(tmp
 
 
 def test_a_one_channel_sigmoid_head(tmp_path, fresh_accelerate):
-    import numpy as np
-    from PIL import Image
-
-    from seg_accel.data.synthetic import SyntheticShapes
-
     cfg = smp_config(iters=2)
-    for seed, split in enumerate(("train", "val")):
-        (tmp_path / split / "img").mkdir(parents=True)
-        (tmp_path / split / "ann").mkdir()
-        shapes = SyntheticShapes(num_samples=4, img_size=64, seed=seed)
-        for i in range(4):
-            img, label = shapes.load(i)
-            Image.fromarray(img).save(tmp_path / split / "img" / f"{i}.png")
-            Image.fromarray((label > 0).astype(np.uint8)).save(tmp_path / split / "ann" / f"{i}.png")
-        cfg["data"][split] = {"type": "CustomDataset", "data_root": str(tmp_path / split), "img_dir": "img",
-                              "ann_dir": "ann", "img_suffix": ".png", "classes": ["background", "shape"],
-                              "pipeline": [NORMALIZE]}
+    cfg["data"].update(binary_shape_folders(tmp_path, 4, 64, {"train": [NORMALIZE], "val": [NORMALIZE]}))
     cfg["model"]["decode_head"] = {"out_channels": 1, "loss_decode": {"type": "CrossEntropyLoss", "use_sigmoid": True}}
     trainer, _ = make_trainer(tmp_path, cfg)
     assert trainer.accelerator.unwrap_model(trainer.model).segmentation_head[0].out_channels == 1
@@ -352,3 +337,35 @@ def test_the_parameter_group_table_shows_what_head_decoder_and_encoder_match(tmp
     tenfold = [g for g in trainer.optimizer.param_groups if g["lr"] == pytest.approx(0.01)]
     names = {n for n, p in model.named_parameters() if any(p is q for g in tenfold for q in g["params"])}
     assert names == {"segmentation_head.0.weight", "segmentation_head.0.bias"}  # not the decoder
+
+
+def test_predict_from_an_smp_export_names_its_classes(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from seg_accel.inference.predict import Predictor
+    from seg_accel.models import export_model
+
+    model = build(smp_model("DeepLabV3Plus"))
+    export_model(model, tmp_path / "export", ["sky", "road", "car"])
+    predictor = Predictor.from_export(tmp_path / "export")
+    assert predictor.classes == ["sky", "road", "car"]
+    Image.fromarray((np.random.default_rng(0).random((45, 61, 3)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    from seg_accel.cli import main
+
+    assert main(["predict", str(tmp_path / "export"), str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]) == 0
+    label = np.asarray(Image.open(next((tmp_path / "out" / "labels").iterdir())))
+    assert label.shape == (45, 61) and set(np.unique(label)) <= {0, 1, 2}
+
+
+def test_sync_bn_converts_an_smp_model_and_its_auxiliary_head():
+    from seg_accel.models.builder import convert_sync_bn
+
+    model = build(smp_model("Unet", auxiliary_head={"channels": 16}))
+    batch_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    converted, note = convert_sync_bn(model, 2, "cuda")  # what a 2-GPU run does (the conversion itself runs anywhere)
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == batch_norms
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in converted.auxiliary_head.modules())
+    assert f"{batch_norms} BatchNorm layer(s) converted" in note
+    with torch.no_grad():  # the padding and the head's hooks survive the conversion
+        assert converted.eval()(torch.randn(1, 3, 50, 70)).shape == (1, 3, 50, 70)
