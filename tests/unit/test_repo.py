@@ -30,7 +30,7 @@ def test_setup_installs_torch_first_and_keeps_an_existing_one():
                       if not line.lstrip().startswith("#"))
     # torch and torchvision as a matching pair (smp and timm need torchvision); an existing torch
     # is kept and only given its torchvision
-    assert setup.index("import torch") < setup.index("torch==2.14.1 torchvision==0.29.1") < \
-        setup.index("pip install -q -e")
+    assert 'TORCH_PAIR="${SEG_ACCEL_TORCH:-torch==2.14.1 torchvision==0.29.1}"' in setup
+    assert setup.index('-c "import torch"') < setup.index("pip install -q $TORCH_PAIR") < setup.index("pip install -q -e")
     assert setup.index("import torchvision") < setup.index('pip install -q torchvision "torch==$have"')
     assert "--system-site-packages" in setup
