@@ -14,7 +14,10 @@ medians ignore its spikes, totals include the checkpoint saves).
 
 `--model smp-unet-r18`: an smp UNet on a ResNet-18 encoder (random init) instead, the plain
 loop building it with `segmentation_models_pytorch.Unet` itself (what a Lightning/smp user
-writes by hand). `--loaded`: with a competing busy-loop process per core (bench/load.py).
+writes by hand). `--loaded`: with a competing busy-loop process per core (bench/load.py). seg-accel turns on
+torch's fused AdamW kernel by default (the bare loop keeps torch's default); `--unfused`
+gives the runner `optimizer.fused: false`, the same kernel as the bare loop, so that the
+ratio is the runner's own cost.
 
 Run: python bench/overhead.py [--model segformer|smp-unet-r18] [--loaded] [--iters 100] [--repeats 9]
      [--checkpoint-interval 100] [--threads N]
@@ -39,7 +42,7 @@ from seg_accel.registry import DATASETS  # noqa: E402
 
 SIZE, BATCH, SAMPLES, WARMUP = 64, 8, 64, 10
 SMP_UNET = {"type": "smp.Unet", "encoder_name": "resnet18", "encoder_weights": None}
-MODEL = {"name": "segformer"}  # set by --model
+MODEL = {"name": "segformer", "fused": None}  # set by --model, --unfused
 
 
 def make_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +84,8 @@ def config(work_dir: str, iters: int, checkpoint_interval: int) -> dict:
     return {
         "model": dict(SMP_UNET) if MODEL["name"] == "smp-unet-r18" else demo["model"],
         "data": {"samples_per_gpu": BATCH, "workers_per_gpu": 0, "train": {"type": "InMemoryShapes"}},
-        "optimizer": {"type": "AdamW", "lr": 0.002, "weight_decay": 0.01},
+        "optimizer": {"type": "AdamW", "lr": 0.002, "weight_decay": 0.01,
+                      **({"fused": MODEL["fused"]} if MODEL["fused"] is not None else {})},
         "lr_config": {"policy": "poly", "power": 1.0, "min_lr": 0.0, "by_epoch": False},
         "optimizer_config": {"grad_clip": None},
         "runner": {"type": "IterBasedRunner", "max_iters": iters + WARMUP},
@@ -184,10 +188,14 @@ def main() -> None:
     parser.add_argument("--checkpoint-interval", type=int, default=100)
     parser.add_argument("--model", choices=["segformer", "smp-unet-r18"], default="segformer")
     parser.add_argument("--loaded", action="store_true", help="with a competing busy-loop process per core")
+    parser.add_argument("--unfused", action="store_true",
+                        help="the runner with optimizer.fused: false (torch's default AdamW kernel, as the bare loop's) "
+                             "instead of seg-accel's fused default: the runner's own cost alone")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 leaves a core to the machine's own noise")
     args = parser.parse_args()
     MODEL["name"] = args.model
+    MODEL["fused"] = False if args.unfused else None
     if args.threads:
         torch.set_num_threads(args.threads)
     import logging
@@ -207,7 +215,8 @@ def main() -> None:
             ours.append(run_trainer(args.iters, args.checkpoint_interval))
     median_ratio = statistics.median(o[0] / b[0] for o, b in zip(ours, bare))
     total_ratio = statistics.median(o[1] / b[1] for o, b in zip(ours, bare))
-    print(f"trainer overhead, {args.model}{', loaded (a busy loop per core)' if args.loaded else ', idle'}: "
+    print(f"trainer overhead, {args.model}{', loaded (a busy loop per core)' if args.loaded else ', idle'}"
+          f"{', runner with optimizer.fused: false' if args.unfused else ''}: "
           f"{args.iters} iterations (after {WARMUP} warm-up), batch {BATCH} x {SIZE}x{SIZE}, "
           f"{torch.get_num_threads()} threads, {args.repeats} alternating pairs")
     print("| loop | ms/iter (median) | seconds (total) | vs bare: per-iteration median | vs bare: total |")
