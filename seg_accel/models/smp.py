@@ -150,6 +150,8 @@ class _PadToStride:
         if head is None or not model.training or self.features is None:
             return logits
         features, self.features = self.features, None
+        if isinstance(features, tuple) and features and isinstance(features[0], (list, tuple)):
+            features = features[0]  # a ViT encoder (DPT): (features, prefix tokens)
         feature = features[model.seg_accel_aux_index]
         aux = head(feature)
         # crop the part that covers padding (the feature's stride divides the padded size)
@@ -368,6 +370,16 @@ class SmpFamily(ModelFamily):
         return True
 
     # -- training -------------------------------------------------------------------------
+    def needs_unused_parameter_search(self, model: nn.Module, aux_trained: bool) -> bool:
+        """smp keeps encoder parameters its forward never uses: the stages beyond
+        ``encoder_depth`` (PSPNet's default depth is 3) and a timm ViT's final norm and
+        classifier (DPT); DDP must then look for them."""
+        config = getattr(model, "config", None) or {}
+        if int(config.get("encoder_depth", 5)) < 5:
+            return True
+        return any(name.startswith(("encoder.model.head.", "encoder.model.norm.", "encoder.model.fc_norm."))
+                   for name, _ in model.named_parameters())
+
     def backbone(self, model: nn.Module) -> tuple[str, nn.Module] | None:
         return ("encoder", model.encoder)
 

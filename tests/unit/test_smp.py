@@ -369,3 +369,17 @@ def test_sync_bn_converts_an_smp_model_and_its_auxiliary_head():
     assert f"{batch_norms} BatchNorm layer(s) converted" in note
     with torch.no_grad():  # the padding and the head's hooks survive the conversion
         assert converted.eval()(torch.randn(1, 3, 50, 70)).shape == (1, 3, 50, 70)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_ddp_looks_for_unused_parameters_exactly_where_smp_leaves_some(arch):
+    """A parameter without a gradient stops DDP unless find_unused_parameters: the family's
+    answer must cover every architecture's (PSPNet's stages past encoder_depth, DPT's ViT head)."""
+    from seg_accel.models import needs_unused_parameter_search
+
+    model = build(smp_model(arch, auxiliary_head={"channels": 16})).train()
+    side = SIDE.get(arch, 64)
+    out = model(torch.randn(2, 3, side, side))
+    (out["logits"].sum() + out["aux_logits"].sum()).backward()
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    assert needs_unused_parameter_search(model, aux_trained=True) == bool(unused), unused
