@@ -14,7 +14,6 @@ BROKEN = 'raise RuntimeError("operator torchvision::nms does not exist")\n'
 
 
 def test_env_lists_the_libraries_and_whether_torch_and_torchvision_match(capsys):
-
     from seg_accel.cli import env_cli
     from seg_accel.cli.env import torchvision_matches
 
