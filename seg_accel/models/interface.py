@@ -87,6 +87,18 @@ def label_maps(classes: list[str], outputs: int) -> tuple[dict[int, str], dict[s
     return id2label, {name: i for i, name in id2label.items()}
 
 
+MAX_EXPORT_CLASSES = 10_000  # an export's class count sizes its head: a crafted file gets no more
+
+
+def export_class_count(value: Any, folder: Any, name: str) -> int:
+    """An export's class count (``config.json``'s ``name``), read as data: an integer from 1 to
+    ``MAX_EXPORT_CLASSES``."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_EXPORT_CLASSES:
+        raise ValueError(f"{folder}/config.json: {name} must be an integer from 1 to {MAX_EXPORT_CLASSES}, "
+                         f"got {value!r}")
+    return value
+
+
 LayerIds = Callable[[str], int]  # a parameter name -> its layer id (layer-wise lr decay)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from seg_accel.errors import ConfigError
 from seg_accel.models.families import register_family
-from seg_accel.models.interface import EXPORT_CONFIG, EXPORT_WEIGHTS, ModelFamily, label_maps
+from seg_accel.models.interface import EXPORT_CONFIG, EXPORT_WEIGHTS, ModelFamily, export_class_count, label_maps
 from seg_accel.version import __version__
 
 if TYPE_CHECKING:
@@ -157,9 +157,6 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-MAX_EXPORT_CLASSES = 10_000  # an export's num_classes sizes its head: a crafted file gets no more
-
-
 def load_module_export(folder: Path, config: dict, trust_remote_code: bool = False) -> nn.Module:
     """Rebuild a module export: its class, constructed with its options, its weights (all must
     match). An export is data: by default its class must be registered in ``MODELS`` here (under
@@ -175,10 +172,7 @@ def load_module_export(folder: Path, config: dict, trust_remote_code: bool = Fal
     if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or \
             not isinstance(spec.get("import_path"), str) or not isinstance(spec.get("options", {}), dict):
         raise ValueError(f"{folder}/config.json: {EXPORT_KEY} must hold 'type', 'import_path' and 'options'")
-    outputs = config.get("num_classes")
-    if not isinstance(outputs, int) or isinstance(outputs, bool) or not 1 <= outputs <= MAX_EXPORT_CLASSES:
-        raise ValueError(f"{folder}/config.json: num_classes must be an integer from 1 to {MAX_EXPORT_CLASSES}, "
-                         f"got {outputs!r}")
+    outputs = export_class_count(config.get("num_classes"), folder, "num_classes")
     options = dict(spec.get("options", {}))
     if trust_remote_code:
         try:

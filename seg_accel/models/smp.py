@@ -37,7 +37,14 @@ from torch.nn import functional as F
 
 from seg_accel.errors import ConfigError, did_you_mean
 from seg_accel.models.families import register_family
-from seg_accel.models.interface import EXPORT_CONFIG, EXPORT_WEIGHTS, LayerIds, ModelFamily, label_maps
+from seg_accel.models.interface import (
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    LayerIds,
+    ModelFamily,
+    export_class_count,
+    label_maps,
+)
 from seg_accel.registry import SMP_ARCHITECTURES
 from seg_accel.version import __version__
 
@@ -54,7 +61,6 @@ _SET_BY_SEG_ACCEL = {"classes": "the number of output channels comes from the da
                                 "a sigmoid head)"}
 FCN_DEFAULTS = {"in_index": -2, "channels": 256, "num_convs": 1, "kernel_size": 3, "concat_input": False,
                 "dropout_ratio": 0.1}
-MAX_EXPORT_CLASSES = 10_000
 
 
 def _is_smp_class(entry: Any) -> bool:
@@ -453,10 +459,7 @@ class SmpFamily(ModelFamily):
         kwargs = {k: v for k, v in config.items() if k in params}
         if str(kwargs.get("encoder_name", "")).startswith("tu-"):  # a timm encoder's extra arguments (encoder_params)
             kwargs.update({k: v for k, v in config.items() if k not in params and not k.startswith("_")})
-        outputs = kwargs.get("classes")
-        if not isinstance(outputs, int) or isinstance(outputs, bool) or not 1 <= outputs <= MAX_EXPORT_CLASSES:
-            raise ValueError(f"{folder}/config.json: classes must be an integer from 1 to {MAX_EXPORT_CLASSES}, "
-                             f"got {outputs!r}")
+        export_class_count(kwargs.get("classes"), folder, "classes")
         kwargs["encoder_weights"] = None
         for name in ("aux_params", "activation"):
             if kwargs.get(name) is not None:
