@@ -225,6 +225,19 @@ def _merge(base: dict, child: dict, prefix: str, file: str, origins: dict[str, s
             _record(v, key, file, origins)
 
 
+def packaged_config(name: str) -> Path:
+    """A config shipped with seg-accel: by its path under ``configs/`` (``segformer/x.yaml``) or
+    by its name alone (``pspnet_r50-d8_512x1024_40k_cityscapes``, MMSegmentation's file names)."""
+    for candidate in (PACKAGED_CONFIGS / name, PACKAGED_CONFIGS / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    if "/" not in name:
+        found = sorted(PACKAGED_CONFIGS.rglob(f"{name.removesuffix('.yaml')}.yaml"))
+        if len(found) == 1:
+            return found[0]
+    return PACKAGED_CONFIGS / name
+
+
 def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
     path = path.resolve()
     raw = _read_yaml(path)
@@ -240,7 +253,7 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[str, str
     base_of_key: dict[str, str] = {}
     for base in bases:
         if base.startswith(PACKAGE_PREFIX):
-            base_path = (PACKAGED_CONFIGS / base[len(PACKAGE_PREFIX):]).resolve()
+            base_path = packaged_config(base[len(PACKAGE_PREFIX):]).resolve()
         else:
             base_path = (path.parent / base).resolve()
         if base_path in stack or base_path == path:
@@ -453,10 +466,15 @@ def load_config(path: str | os.PathLike, cfg_options: list[str] | None = None,
                 overrides: dict[str, Any] | None = None) -> Config:
     """Read ``path`` with its bases, apply ``--cfg-options``, then ``overrides`` (typed values
     of top-level keys set by command-line flags such as ``--load-from``), and run
-    ``custom_imports``."""
-    path = Path(path)
+    ``custom_imports``. ``seg_accel::NAME`` is a config shipped with seg-accel."""
+    text = str(path)
+    path = packaged_config(text[len(PACKAGE_PREFIX):]) if text.startswith(PACKAGE_PREFIX) else Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        from seg_accel.errors import did_you_mean
+
+        hint = did_you_mean(text[len(PACKAGE_PREFIX):], [p.stem for p in PACKAGED_CONFIGS.rglob("*.yaml")],
+                            list_all=False) if text.startswith(PACKAGE_PREFIX) else ""
+        raise ConfigError(f"config file not found: {text}" + hint)
     if path.suffix not in (".yaml", ".yml"):
         raise ConfigError(f"config files are YAML (.yaml/.yml), got '{path.name}'", file=str(path))
     data, origins = _load_file(path, ())

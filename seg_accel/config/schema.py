@@ -43,14 +43,19 @@ def _positive(value: int, key: str, minimum: int = 1) -> None:
 @dataclass(frozen=True)
 class HeadConfig:
     """``model.auxiliary_head`` (and the base of ``model.decode_head``): how a head's logits
-    are turned into losses."""
+    are turned into losses; for a model whose family builds its heads from the config
+    (MMSegmentation's ``EncoderDecoder``) also the head's ``type`` and its module options
+    (``in_channels``, ``channels``, ..., kept in ``options``; the family checks them)."""
 
+    type: str | None = None
     loss_decode: Annotated[Any, Component("loss", many="either")] = field(
         default_factory=lambda: {"type": "CrossEntropyLoss", "loss_weight": 1.0}
     )
     sampler: Annotated[dict | None, Component("pixel sampler")] = None
     align_corners: bool = False
     ignore_index: int = 255
+    # any other key: an option of the head module (only where the model's family builds heads)
+    options: dict[str, Any] = field(default_factory=dict, metadata={"extra": True})
 
     def loss_cfgs(self) -> list[dict]:
         return list(self.loss_decode) if isinstance(self.loss_decode, (list, tuple)) else [self.loss_decode]

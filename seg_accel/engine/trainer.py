@@ -165,7 +165,7 @@ class Trainer:
         self.ddp_kwargs.find_unused_parameters = family.needs_unused_parameter_search(model, aux_trained) \
             if find_unused is None else find_unused
         notes = []
-        if cfg.sync_bn:
+        if cfg.sync_bn or getattr(model, "seg_accel_sync_bn", False):  # or MMSegmentation's SyncBN
             model, note = convert_sync_bn(model, acc.num_processes, acc.device.type)
             notes.append(note)
         if cfg.model.norm_eval:

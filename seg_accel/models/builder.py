@@ -45,6 +45,19 @@ def check_model_config(model_cfg: ModelConfig, key: str = "model", classes: list
             raise ConfigError(f"{model_cfg.type} brings its own auxiliary head ({family.name} family): "
                               f"{', '.join(options)} are FCN head options for models whose head seg-accel builds "
                               "(smp); set the head's size in the model's own config", key=f"{key}.auxiliary_head.{first}")
+    if not family.builds_heads:
+        for name in ("decode_head", "auxiliary_head"):
+            head = getattr(model_cfg, name)
+            if head is not None and (head.type is not None or head.options):
+                from dataclasses import fields
+
+                from seg_accel.errors import did_you_mean
+
+                first = "type" if head.type is not None else next(iter(head.options))
+                known = [f.name for f in fields(head) if f.name not in ("type", "options")]
+                raise ConfigError(f"unknown key '{first}' in {key}.{name}." + did_you_mean(first, known) +
+                                  f" (a head's type and module options are for model.type: EncoderDecoder; "
+                                  f"{model_cfg.type} brings its own heads)", key=f"{key}.{name}.{first}")
     family.check(model_cfg, list(classes or []), key)
 
 

@@ -116,6 +116,9 @@ class ModelFamily:
     export_metadata_prefix = ""
     # whether the family builds ``model.auxiliary_head`` from its head options (in_index, ...)
     builds_auxiliary_head = False
+    # whether the family builds both heads from ``model.decode_head``/``auxiliary_head`` (their
+    # ``type`` and module options: MMSegmentation's EncoderDecoder)
+    builds_heads = False
 
     # -- recognising ----------------------------------------------------------------------
     @classmethod

@@ -15,6 +15,7 @@ from seg_accel.errors import ConfigError, UntrustedExportError
 from seg_accel.models.builder import build_model
 from seg_accel.models.families import attach_family, family_of_export, family_of_model
 from seg_accel.models.interface import EXPORT_CONFIG
+from seg_accel.models.torch_files import checkpoint_tensors, is_torch_checkpoint, read_torch_checkpoint
 from seg_accel.runtime.checkpoints import META
 from seg_accel.runtime.manifest import MANIFEST, verify
 
@@ -118,7 +119,7 @@ def load_model(source: str | os.PathLike, model_cfg: ModelConfig | None = None, 
     if model_cfg is None:
         return load_export(source, trust_remote_code)
     path = Path(source)
-    if (path / META).is_file():
+    if (path / META).is_file() or is_torch_checkpoint(path):  # a training checkpoint, or a .pth (MMSegmentation's)
         model = build_model(model_cfg, list(classes or []))
         load_weights(model, path, key=key, strict=True)
         return model
@@ -174,13 +175,15 @@ def load_weights(model: Any, path: Path, key: str = "load_from", strict: bool = 
     from safetensors.torch import load_file
 
     path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":
+    if is_torch_checkpoint(path):  # a .pth (an MMSegmentation checkpoint): read as data, tensors only
+        files = [path]
+    elif path.is_file() and path.suffix == ".safetensors":
         files = [path]
     else:
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not files:
-        raise ConfigError(f"no weights at {path} (expected a checkpoint or export folder, or a .safetensors file)",
-                          key=key)
+        raise ConfigError(f"no weights at {path} (expected a checkpoint or export folder, a .safetensors file or a "
+                          f"PyTorch .pth)", key=key)
     if path.is_dir() and (path / MANIFEST).is_file() and (problem := verify(path)) is not None:
         raise ConfigError(f"checkpoint {path.name} is damaged: {problem}", key=key)
     config_file = path / EXPORT_CONFIG if path.is_dir() else None
@@ -188,6 +191,8 @@ def load_weights(model: Any, path: Path, key: str = "load_from", strict: bool = 
         # an export: its family gives its weights under the model's names
         config = read_export_config(path)
         state = family_of_export(config, path).export_state_dict(path, config)
+    elif is_torch_checkpoint(path):
+        state = checkpoint_tensors(read_torch_checkpoint(path, key), path, key)
     else:  # an Accelerate checkpoint or a file: the model's own state dict
         state = {}
         for file in files:
