@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 from seg_accel.cli.common import is_peer_failure as _is_peer_failure  # noqa: F401 (tests use it)
 from seg_accel.cli.common import run_cli
+from seg_accel.cli.checkpoint import convert_checkpoint_cli
 from seg_accel.cli.convert import convert_cli
 from seg_accel.cli.env import env_cli
 from seg_accel.cli.evaluate import evaluate_cli
@@ -26,6 +27,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "predict": (predict_cli, "predict class maps and probabilities for images without labels (files, folders, globs)"),
     "export-onnx": (export_onnx_cli, "export a model to ONNX and check it against PyTorch in onnxruntime"),
     "push": (push_to_hub_cli, "publish a work dir, checkpoint or export to the Hugging Face Hub"),
+    "convert-checkpoint": (convert_checkpoint_cli, "an MMSegmentation .pth to a seg-accel export, or back to a .pth"),
     "convert-dataset": (convert_cli, "convert a standard dataset's official archives to its config's folder layout"),
     "print-config": (print_config_cli, "print the resolved config (after _base_, _delete_, --cfg-options)"),
     "param-groups": (print_param_groups_cli, "print the optimizer's parameter groups of a config"),
@@ -66,5 +68,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return command[0](argv[1:], prog=f"seg-accel {argv[0]}")
 
 
-__all__ = ["class_weights_cli", "convert_cli", "evaluate_cli", "export_onnx_cli", "list_configs_cli", "main",
+__all__ = ["class_weights_cli", "convert_checkpoint_cli", "convert_cli", "evaluate_cli", "export_onnx_cli", "list_configs_cli", "main",
            "predict_cli", "print_config_cli", "print_param_groups_cli", "push_to_hub_cli", "run_cli", "train_cli"]

@@ -70,12 +70,15 @@ def packaged_configs() -> list[str]:
 
 def resolve_config(text: str) -> str:
     """A config file: the path as given, else a packaged config by name (``demo/segformer_synthetic``,
-    with or without ``.yaml`` or a leading ``configs/``), so that the shipped configs work from
-    any directory after a plain ``pip install``."""
+    with or without ``.yaml``, a leading ``configs/`` or ``seg_accel::``, or by its file name alone:
+    ``pspnet_r50-d8_512x1024_40k_cityscapes``), so that the shipped configs work from any
+    directory after a plain ``pip install``."""
+    from seg_accel.config.loader import PACKAGE_PREFIX, packaged_config
+
     if Path(text).is_file() or not CONFIGS.is_dir():
         return text
-    name = text[len("configs/"):] if text.startswith("configs/") else text
-    for candidate in (CONFIGS / name, CONFIGS / f"{name}.yaml"):
+    name = text[len("configs/"):] if text.startswith("configs/") else text.removeprefix(PACKAGE_PREFIX)
+    for candidate in (CONFIGS / name, CONFIGS / f"{name}.yaml", packaged_config(name)):
         if candidate.is_file():
             return str(candidate)
     return text  # the loader says it is missing

@@ -154,6 +154,14 @@ class ModelFamily:
         with init_empty_weights():
             return self.build(model_cfg, classes, key)
 
+    def architecture_only(self, model_cfg: ModelConfig) -> ModelConfig:
+        """The ``model`` section with no weights to fetch (``backbone_pretrained`` and the
+        family's own ImageNet weights dropped): for building a model whose every weight a
+        checkpoint then replaces."""
+        import dataclasses
+
+        return dataclasses.replace(model_cfg, backbone_pretrained=None)
+
     def has_auxiliary_head(self, model_cfg: ModelConfig) -> bool | None:
         """Whether the configured model can have an auxiliary head (None: known only from its
         forward's output). False makes ``model.auxiliary_head`` a config error."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from seg_accel.errors import ConfigError, UntrustedExportError
 from seg_accel.models.builder import build_model
-from seg_accel.models.families import attach_family, family_of_export, family_of_model
+from seg_accel.models.families import attach_family, family_of_export, family_of_model, model_family
 from seg_accel.models.interface import EXPORT_CONFIG
 from seg_accel.models.torch_files import checkpoint_tensors, is_torch_checkpoint, read_torch_checkpoint
 from seg_accel.runtime.checkpoints import META
@@ -120,7 +120,8 @@ def load_model(source: str | os.PathLike, model_cfg: ModelConfig | None = None, 
         return load_export(source, trust_remote_code)
     path = Path(source)
     if (path / META).is_file() or is_torch_checkpoint(path):  # a training checkpoint, or a .pth (MMSegmentation's)
-        model = build_model(model_cfg, list(classes or []))
+        # the checkpoint replaces every weight: nothing to download
+        model = build_model(model_family(model_cfg.type).architecture_only(model_cfg), list(classes or []))
         load_weights(model, path, key=key, strict=True)
         return model
     text = str(source)

@@ -436,6 +436,11 @@ class MmsegFamily(ModelFamily):
         with init_empty_weights():
             return self._build(model_cfg, classes)
 
+    def architecture_only(self, model_cfg: ModelConfig) -> ModelConfig:
+        import dataclasses
+
+        return dataclasses.replace(model_cfg, pretrained=None, backbone_pretrained=None)
+
     def has_auxiliary_head(self, model_cfg: ModelConfig) -> bool | None:
         return True
 

@@ -372,6 +372,12 @@ class SmpFamily(ModelFamily):
         with init_empty_weights():  # the architecture only: no download
             return self._build(model_cfg, classes, key, weights=False)
 
+    def architecture_only(self, model_cfg: ModelConfig) -> ModelConfig:
+        import dataclasses
+
+        return dataclasses.replace(model_cfg, backbone_pretrained=None,
+                                   options={**model_cfg.options, "encoder_weights": None})
+
     def has_auxiliary_head(self, model_cfg: ModelConfig) -> bool | None:
         return True
 
