@@ -3,7 +3,7 @@ outputs for the six networks of tests/references/mmseg_case.py (seeded weights, 
 a 1x3x128x256 input): the decode and auxiliary heads' logits at their stride (the logits at
 the input size are compared only against the live reference: 2.5 MB each), the state dict's
 names and shapes, the parameter
-counts at full size, and the decode and auxiliary losses of one PSPNet training step.
+counts at full size (every shipped config), and the decode and auxiliary losses of one PSPNet training step.
 
 Run where MMSegmentation 0.30 is installed (``pip install setuptools==69.5.1 wheel``,
 ``MMCV_WITH_OPS=0 pip install --no-build-isolation mmcv==1.7.2``,
@@ -46,6 +46,8 @@ def main() -> None:
             "state_dict": {k: list(v.shape) for k, v in model.state_dict().items()},
         }
         print(name, facts["networks"][name]["parameters"])
+    facts["parameters"] = {name: sum(p.numel() for p in case.mmseg_model(relative).parameters())
+                           for name, relative in case.SHIPPED.items()}
     facts["losses"] = pspnet_losses()
     print("losses", facts["losses"])
     save_file(tensors, str(case.REFERENCE))

@@ -28,6 +28,20 @@ CASES = {
     "upernet_r50": ("upernet/upernet_r50_512x1024_40k_cityscapes.py", "upernet_r50_512x1024_40k_cityscapes"),
     "fcn_unet_s5-d16": ("unet/fcn_unet_s5-d16_64x64_40k_drive.py", "fcn_unet_s5-d16_64x64_40k_drive"),
 }
+# every shipped config under its 0.x name -> MMSegmentation 0.30's config (parameter counts)
+SHIPPED = {
+    "pspnet_r50-d8_512x1024_40k_cityscapes": "pspnet/pspnet_r50-d8_512x1024_40k_cityscapes.py",
+    "pspnet_r50-d8_512x1024_80k_cityscapes": "pspnet/pspnet_r50-d8_512x1024_80k_cityscapes.py",
+    "deeplabv3_r50-d8_512x1024_40k_cityscapes": "deeplabv3/deeplabv3_r50-d8_512x1024_40k_cityscapes.py",
+    "deeplabv3plus_r50-d8_512x1024_40k_cityscapes": "deeplabv3plus/deeplabv3plus_r50-d8_512x1024_40k_cityscapes.py",
+    "fcn_r50-d8_512x1024_40k_cityscapes": "fcn/fcn_r50-d8_512x1024_40k_cityscapes.py",
+    "upernet_r50_512x1024_40k_cityscapes": "upernet/upernet_r50_512x1024_40k_cityscapes.py",
+    "fcn_unet_s5-d16_64x64_40k_drive": "unet/fcn_unet_s5-d16_64x64_40k_drive.py",
+    "fcn_unet_s5-d16_128x128_40k_stare": "unet/fcn_unet_s5-d16_128x128_40k_stare.py",
+    "fcn_unet_s5-d16_128x128_40k_chase_db1": "unet/fcn_unet_s5-d16_128x128_40k_chase_db1.py",
+    "fcn_unet_s5-d16_256x256_40k_hrf": "unet/fcn_unet_s5-d16_256x256_40k_hrf.py",
+    "fcn_unet_s5-d16_4x4_512x1024_160k_cityscapes": "unet/fcn_unet_s5-d16_4x4_512x1024_160k_cityscapes.py",
+}
 INPUT_SHAPE = (1, 3, 128, 256)
 REFERENCE = Path(__file__).with_name("mmseg_030.safetensors")
 REFERENCE_FACTS = Path(__file__).with_name("mmseg_030.json")

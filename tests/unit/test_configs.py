@@ -140,3 +140,21 @@ def test_beit_recipe_keeps_the_checkpoint_tables_and_runs_at_640():
     with torch.no_grad():
         logits = model(pixel_values=torch.randn(1, 3, 640, 640)).logits
     assert logits.shape == (1, 150, 160, 160)
+
+
+def test_mmsegmentation_configs_give_the_reported_score_batch_and_their_1x_name():
+    """configs/mmseg: MMSegmentation's tutorial configs by their 0.x names (each header gives the
+    score MMSegmentation reports and how it was trained) and by their 1.x names."""
+    folder = CONFIG_DIR / "mmseg"
+    old = sorted(p for p in folder.glob("*.yaml") if "_4xb" not in p.name)
+    assert {p.stem for p in old} >= {"pspnet_r50-d8_512x1024_40k_cityscapes", "pspnet_r50-d8_512x1024_80k_cityscapes",
+                                      "deeplabv3_r50-d8_512x1024_40k_cityscapes",
+                                      "deeplabv3plus_r50-d8_512x1024_40k_cityscapes", "fcn_r50-d8_512x1024_40k_cityscapes",
+                                      "upernet_r50_512x1024_40k_cityscapes", "fcn_unet_s5-d16_64x64_40k_drive",
+                                      "fcn_unet_s5-d16_128x128_40k_stare", "fcn_unet_s5-d16_128x128_40k_chase_db1",
+                                      "fcn_unet_s5-d16_256x256_40k_hrf"}
+    for path in old:
+        header = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+        assert "MMSegmentation reports" in header and "GPUs x" in header, path
+        new = header.split("MMSegmentation 1.x calls it ")[1].split()[0].rstrip(".")
+        assert load_config(folder / f"{new}.yaml").dict == load_config(path).dict, new
