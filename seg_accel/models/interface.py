@@ -99,6 +99,11 @@ def export_class_count(value: Any, folder: Any, name: str) -> int:
     return value
 
 
+# set on a model (True) for the duration of a loss forward: a model whose auxiliary head runs only
+# in training returns its logits also in eval mode (a workflow's val phase computes the losses)
+RETURN_AUX = "seg_accel_return_aux"
+
+
 LayerIds = Callable[[str], int]  # a parameter name -> its layer id (layer-wise lr decay)
 
 
@@ -174,7 +179,11 @@ class ModelFamily:
         auxiliary logits."""
 
         def forward(wrapped: nn.Module, pixel_values: torch.Tensor) -> SegOutput:
-            out = as_seg_output(run_model(wrapped, pixel_values))
+            object.__setattr__(model, RETURN_AUX, auxiliary)
+            try:
+                out = as_seg_output(run_model(wrapped, pixel_values))
+            finally:
+                object.__setattr__(model, RETURN_AUX, False)
             if auxiliary and out.aux_logits is None:
                 raise RuntimeError(f"{type(model).__name__}.forward returned no aux_logits, but model.auxiliary_head "
                                    "configures losses for them: return {'logits': ..., 'aux_logits': ...}")

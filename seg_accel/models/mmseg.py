@@ -31,7 +31,14 @@ from torch import nn
 
 from seg_accel.errors import ConfigError, did_you_mean
 from seg_accel.models.families import register_family
-from seg_accel.models.interface import EXPORT_CONFIG, EXPORT_WEIGHTS, ModelFamily, export_class_count, label_maps
+from seg_accel.models.interface import (
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    RETURN_AUX,
+    ModelFamily,
+    export_class_count,
+    label_maps,
+)
 from seg_accel.models.mmseg_backbones import ACT_TYPES, BACKBONES, NORM_TYPES, ResNet
 from seg_accel.models.mmseg_heads import HEADS, BaseDecodeHead
 from seg_accel.models.torch_files import checkpoint_tensors, read_torch_checkpoint
@@ -67,7 +74,8 @@ _HEAD_DEFAULT_INIT = {"type": "Normal", "std": 0.01, "override": {"name": "conv_
 class EncoderDecoder(nn.Module):
     """MMSegmentation's ``EncoderDecoder``: a backbone, a decode head and optionally an
     auxiliary head reading the backbone's features. The forward returns the decode head's
-    logits at its stride; in training with an auxiliary head, ``{"logits", "aux_logits"}``."""
+    logits at its stride; in training with an auxiliary head (and for the losses of a
+    workflow's val phase, see ``interface.RETURN_AUX``), ``{"logits", "aux_logits"}``."""
 
     def __init__(self, num_classes: int, backbone: dict[str, Any], decode_head: dict[str, Any],
                  auxiliary_head: dict[str, Any] | None = None):
@@ -83,7 +91,7 @@ class EncoderDecoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> Any:
         features = self.backbone(pixel_values)
         logits = self.decode_head(features)
-        if self.training and self.auxiliary_head is not None:
+        if self.auxiliary_head is not None and (self.training or getattr(self, RETURN_AUX, False)):
             return {"logits": logits, "aux_logits": self.auxiliary_head(features)}
         return logits
 

@@ -40,6 +40,7 @@ from seg_accel.models.families import register_family
 from seg_accel.models.interface import (
     EXPORT_CONFIG,
     EXPORT_WEIGHTS,
+    RETURN_AUX,
     LayerIds,
     ModelFamily,
     export_class_count,
@@ -123,6 +124,7 @@ class _PadToStride:
     Installed as forward (pre-)hooks on the smp model, so its parameters and export stay smp's."""
 
     def __init__(self, model: nn.Module):
+        self.model = model
         self.sizes: list[tuple[int, int]] = []
         self.features: list[torch.Tensor] | None = None
         model.register_forward_pre_hook(self.before)
@@ -146,14 +148,15 @@ class _PadToStride:
         return (x, *args[1:])
 
     def keep_features(self, encoder: nn.Module, args: tuple, features: Any) -> None:
-        self.features = features if encoder.training and _aux_head(encoder) is not None else None
+        wanted = encoder.training or getattr(self.model, RETURN_AUX, False)
+        self.features = features if wanted and _aux_head(encoder) is not None else None
 
     def after(self, model: nn.Module, args: tuple, logits: Any) -> Any:
         height, width = self.sizes.pop()
         padded_h, padded_w = int(args[0].shape[-2]), int(args[0].shape[-1])
         logits = logits[..., :height, :width] if (padded_h, padded_w) != (height, width) else logits
         head = getattr(model, "auxiliary_head", None)
-        if head is None or not model.training or self.features is None:
+        if head is None or not (model.training or getattr(model, RETURN_AUX, False)) or self.features is None:
             return logits
         features, self.features = self.features, None
         if isinstance(features, tuple) and features and isinstance(features[0], (list, tuple)):
