@@ -146,6 +146,9 @@ def test_every_tutorial_has_a_check_and_a_section_in_the_docs():
     assert sorted(EFFECTS) == [p.stem for p in FILES]
     for path in FILES:
         assert f"# docs/tutorials/{path.name}" in page, path.name
+    for module in sorted((TUTORIALS / "my_project").glob("my_*.py")):  # the modules shown are the files
+        shown = page.split(f"```python\n# my_project/{module.name}\n", 1)[1].split("```", 1)[0]
+        assert shown.strip() == module.read_text().strip(), module.name
 
 
 def test_the_ignore_index_trick_on_data_with_other_unlabelled_pixels_is_one_line_naming_the_sample(tmp_path,
