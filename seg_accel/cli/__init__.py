@@ -68,5 +68,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return command[0](argv[1:], prog=f"seg-accel {argv[0]}")
 
 
-__all__ = ["class_weights_cli", "convert_checkpoint_cli", "convert_cli", "evaluate_cli", "export_onnx_cli", "list_configs_cli", "main",
+__all__ = ["class_weights_cli", "convert_checkpoint_cli", "convert_cli", "evaluate_cli", "export_onnx_cli",
+           "list_configs_cli", "main",
            "predict_cli", "print_config_cli", "print_param_groups_cli", "push_to_hub_cli", "run_cli", "train_cli"]

@@ -23,7 +23,8 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     # MMSegmentation's tools/train.py flags, each the same as the config key it names
     parser.add_argument("--work-dir", help="where logs, checkpoints and the final model go "
                                            "(default: the config's work_dir, else work_dirs/<config name>)")
-    parser.add_argument("--load-from", help="weights to start from (checkpoint or export folder): load_from")
+    parser.add_argument("--load-from", help="weights to start from (checkpoint or export folder, .safetensors, or an "
+                                            "MMSegmentation .pth): load_from")
     parser.add_argument("--resume-from", help="a checkpoint to continue exactly: resume_from")
     parser.add_argument("--auto-resume", action="store_true", help="continue from the newest checkpoint in the work dir")
     parser.add_argument("--no-validate", action="store_true", help="no evaluation at all (evaluation: null)")

@@ -157,6 +157,8 @@ def load_backbone_weights(model: nn.Module, source: str, key: str = "model.backb
                 src, loaded = candidate, matched
             if len(loaded) == len(src):
                 break
+    except ConfigError as exc:  # the family's own words about the source: at this key
+        raise exc.located(key) from None
     except (OSError, ValueError, TypeError) as exc:
         where = "local folder" if os.path.isdir(source) else "Hub id (or a local path that does not exist)"
         raise ConfigError(f"cannot load backbone weights '{source}' ({where}): {type(exc).__name__}: {exc}",

@@ -197,8 +197,8 @@ def check_component(options: Mapping[str, Any], key: str, head: bool, outputs: i
             raise ConfigError(f"the data pipeline gives 3-channel (RGB) images; in_channels must be 3, got {value!r}",
                               key=where)
         if name not in params:
-            raise ConfigError(f"{kind} has no option '{name}'." + did_you_mean(name, [*params, *(_HEAD_INERT if head else _INERT), "act_cfg", "norm_cfg"]),
-                              key=where)
+            known = [*params, *(_HEAD_INERT if head else _INERT), "act_cfg", "norm_cfg"]
+            raise ConfigError(f"{kind} has no option '{name}'." + did_you_mean(name, known), key=where)
         if name in hints:
             parse_value(value, hints[name], where)
     missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in options]
@@ -321,7 +321,7 @@ def write_mmseg_checkpoint(state: Mapping[str, torch.Tensor], classes: list[str]
                     "state_dict": to_mmseg_state_dict(state)}, str(tmp))
 
 
-def _download(url: str, source: str, key: str) -> Path:
+def _download(url: str, source: str, key: str | None) -> Path:
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     target = cache / url.rsplit("/", 1)[-1]
     if target.is_file():
@@ -460,7 +460,7 @@ class MmsegFamily(ModelFamily):
         ``.safetensors`` file or folder (a timm ``resnet50c``/``resnet50d``: renamed)."""
         from safetensors.torch import load_file
 
-        key = "model.pretrained"
+        key = None  # the builder names the key (model.pretrained or model.backbone_pretrained)
         path = Path(source)
         if source.startswith("open-mmlab://"):
             name = source[len("open-mmlab://"):]

@@ -18,7 +18,7 @@ def is_torch_checkpoint(path: Any) -> bool:
     return Path(path).is_file() and Path(path).suffix in TORCH_SUFFIXES
 
 
-def read_torch_checkpoint(path: Path, key: str) -> dict[str, Any]:
+def read_torch_checkpoint(path: Path, key: str | None) -> dict[str, Any]:
     """A ``.pth`` file read as data (``torch.load(weights_only=True)``): a file that needs
     pickled objects (code) is refused and nothing in it runs."""
     import pickle
@@ -42,7 +42,7 @@ def read_torch_checkpoint(path: Path, key: str) -> dict[str, Any]:
 
 
 def checkpoint_tensors(checkpoint: Mapping[str, Any], path: Any = "the checkpoint",
-                       key: str = "load_from") -> dict[str, torch.Tensor]:
+                       key: str | None = "load_from") -> dict[str, torch.Tensor]:
     """The model's tensors of a PyTorch checkpoint (MMSegmentation's mmcv/mmengine format, a
     Lightning or plain one): its ``state_dict`` (``model``, or the mapping itself), without
     DDP's ``module.`` prefix."""

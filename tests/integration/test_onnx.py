@@ -58,9 +58,9 @@ def export_folder(tmp_path, model_section, size=None):
     return tmp_path / "export"
 
 
-@pytest.mark.slow  # eight exports (~70 s): CI runs it in its slow step
+@pytest.mark.slow  # ten exports (~80 s): CI runs it in its slow step
 @pytest.mark.parametrize("family", ["segformer", "upernet_convnext", "dpt", "beit", "module", "smp.Unet",
-                                    "smp.DeepLabV3Plus", "smp.FPN"])
+                                    "smp.DeepLabV3Plus", "smp.FPN", "mmseg.PSPNet", "mmseg.UNet"])
 def test_each_family_exports_with_parity(tmp_path, family, monkeypatch):
     from seg_accel.inference.onnx_export import export_with_parity
 
@@ -74,6 +74,12 @@ def test_each_family_exports_with_parity(tmp_path, family, monkeypatch):
         from tests.unit.test_smp import smp_model
 
         section, size = smp_model(family[4:]), (48, 80)
+    elif family.startswith("mmseg."):  # MMSegmentation's networks; the UNet at 40 x 56, padded inside the graph
+        from tests.integration.test_mmseg_e2e import PSPNET
+        from tests.unit.test_mmseg import UNET_TINY
+
+        section, size = (PSPNET, (64, 64)) if family == "mmseg.PSPNet" else (UNET_TINY, (40, 56))
+        section = json.loads(json.dumps(section))  # a copy
     else:
         section = ARCHITECTURES[family]
         size = (32, 32) if family in ("dpt", "beit") else (64, 64)  # the ViTs: their config's image size

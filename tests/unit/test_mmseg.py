@@ -232,7 +232,8 @@ def test_an_mmsegmentation_pth_evaluates_and_converts(tmp_path, capsys):
     back = tmp_path / "back.pth"
     assert convert_checkpoint_cli([str(export), "--config", str(config), "--out", str(back)]) == 0
     state = torch.load(str(back), weights_only=True)["state_dict"]
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()) and len(state) == len(model.state_dict())
+    assert len(state) == len(model.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_load_from_takes_an_mmsegmentation_pth_and_a_ddp_one(tmp_path):
@@ -301,7 +302,7 @@ def test_pretrained_takes_an_mmcv_imagenet_pth_and_timm_resnet50c_is_the_same_ne
 
     pth = tmp_path / "resnet50_v1c.pth"
     torch.save({"state_dict": _timm_resnet_names(timm_state)}, str(pth))
-    again = build(dataclasses.replace(model_cfg, pretrained=str(pth)), cfg.classes)
+    again = build(dataclasses.replace(model_cfg, backbone_pretrained=str(pth)), cfg.classes)
     assert all(torch.equal(a, b) for a, b in zip(again.backbone.state_dict().values(),
                                                   model.backbone.state_dict().values()))
 
@@ -313,8 +314,9 @@ def test_an_open_mmlab_name_offline_is_one_line_naming_the_key(tmp_path, monkeyp
         build(dataclasses.replace(model_cfg, pretrained="open-mmlab://resnet50_v1c"), cfg.classes)
     text = str(info.value)
     assert "model.pretrained" in text and "resnet50_v1c-2cccc1ad.pth" in text and "\n" not in text
-    with pytest.raises(ConfigError, match="Did you mean: .*resnet50_v1c"):
-        build(dataclasses.replace(model_cfg, pretrained="open-mmlab://resnet50_v1x"), cfg.classes)
+    with pytest.raises(ConfigError, match="Did you mean: .*resnet50_v1c") as info:
+        build(dataclasses.replace(model_cfg, backbone_pretrained="open-mmlab://resnet50_v1x"), cfg.classes)
+    assert info.value.key == "model.backbone_pretrained"
 
 
 # --------------------------------------------------------------------------- config checks
@@ -344,7 +346,7 @@ def check(tmp_path, change, message, key=None):
     (lambda d: d["model"]["backbone"].update(strides=[1, 1]), "must have 3 entries", "model.backbone.strides"),
     (lambda d: d["model"].update(neck={"type": "FPN"}), "necks are not built", "model.neck"),
     (lambda d: d["model"]["backbone"].update(in_channels=4), "in_channels must be 3", None),
-    (lambda d: d["model"]["decode_head"].update(num_convs=0, channels=16), "num_convs: 0 passes the feature through", None),
+    (lambda d: d["model"]["decode_head"].update(num_convs=0, channels=16), "num_convs: 0 passes the feature", None),
 ])
 def test_config_mistakes_are_one_line_naming_the_key(tmp_path, change, message, key):
     check(tmp_path, change, message, key)
