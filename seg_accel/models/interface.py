@@ -104,6 +104,18 @@ def export_class_count(value: Any, folder: Any, name: str) -> int:
 RETURN_AUX = "seg_accel_return_aux"
 
 
+def load_export_weights(model: nn.Module, file: Path, what: str) -> None:
+    """An export's ``model.safetensors`` into ``model``, every tensor fitting (a ``ValueError``
+    naming ``file``, ``what`` and the first differences otherwise)."""
+    from safetensors.torch import load_file
+
+    try:
+        model.load_state_dict(load_file(str(file)), strict=True)
+    except RuntimeError as exc:  # missing, unexpected or misshapen tensors: torch lists them over many lines
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(f"{file} does not fit the {what} of its config.json: {'; '.join(lines[1:4])[:400]}") from exc
+
+
 LayerIds = Callable[[str], int]  # a parameter name -> its layer id (layer-wise lr decay)
 
 

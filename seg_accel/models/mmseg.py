@@ -38,6 +38,7 @@ from seg_accel.models.interface import (
     ModelFamily,
     export_class_count,
     label_maps,
+    load_export_weights,
 )
 from seg_accel.models.mmseg_backbones import ACT_TYPES, BACKBONES, NORM_TYPES, ResNet
 from seg_accel.models.mmseg_heads import HEADS, BaseDecodeHead
@@ -512,7 +513,6 @@ class MmsegFamily(ModelFamily):
         """The export's ``EncoderDecoder``, read as data: every component named must be one of
         this family's and its options fit its signature (no download: the weights are the
         folder's), every tensor must fit."""
-        from safetensors.torch import load_file
 
         spec = config[EXPORT_KEY]
         outputs = export_class_count(config.get("num_classes"), folder, "num_classes")
@@ -526,12 +526,7 @@ class MmsegFamily(ModelFamily):
             model = EncoderDecoder(outputs, spec["backbone"], spec["decode_head"], spec.get("auxiliary_head"))
         except (ConfigError, TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"{folder}/config.json does not build an EncoderDecoder: {exc}") from exc
-        try:
-            model.load_state_dict(load_file(str(folder / EXPORT_WEIGHTS)), strict=True)
-        except RuntimeError as exc:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            raise ValueError(f"{folder / EXPORT_WEIGHTS} does not fit the EncoderDecoder of its config.json: "
-                             f"{'; '.join(lines[1:4])[:400]}") from exc
+        load_export_weights(model, folder / EXPORT_WEIGHTS, "EncoderDecoder")
         return model
 
     def describe_export(self, config: dict[str, Any]) -> dict[str, str]:

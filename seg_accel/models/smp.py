@@ -45,6 +45,7 @@ from seg_accel.models.interface import (
     ModelFamily,
     export_class_count,
     label_maps,
+    load_export_weights,
 )
 from seg_accel.registry import SMP_ARCHITECTURES
 from seg_accel.version import __version__
@@ -462,7 +463,6 @@ class SmpFamily(ModelFamily):
     def load_export(self, folder: Path, config: dict[str, Any], trust_remote_code: bool = False) -> nn.Module:
         """smp's folder format, read as data: the architecture must be one of smp's, its options
         fit the constructor (no download: the weights are the folder's), every tensor fits."""
-        from safetensors.torch import load_file
 
         params = constructor_parameters(self.arch_cls)
         kwargs = {k: v for k, v in config.items() if k in params}
@@ -477,12 +477,7 @@ class SmpFamily(ModelFamily):
             model = self.arch_cls(**kwargs)
         except (KeyError, RuntimeError, TypeError, ValueError, AssertionError) as exc:
             raise ValueError(f"{folder}/config.json does not build smp.{self.arch_name}: {exc}") from exc
-        try:
-            model.load_state_dict(load_file(str(folder / EXPORT_WEIGHTS)), strict=True)
-        except RuntimeError as exc:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            raise ValueError(f"{folder / EXPORT_WEIGHTS} does not fit the smp.{self.arch_name} of its config.json: "
-                             f"{'; '.join(lines[1:4])[:400]}") from exc
+        load_export_weights(model, folder / EXPORT_WEIGHTS, f"smp.{self.arch_name}")
         return install_forward(model)
 
     def id2label(self, config: dict[str, Any]) -> dict[str, str]:

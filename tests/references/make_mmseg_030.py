@@ -48,22 +48,10 @@ def main() -> None:
         print(name, facts["networks"][name]["parameters"])
     facts["parameters"] = {name: sum(p.numel() for p in case.mmseg_model(relative).parameters())
                            for name, relative in case.SHIPPED.items()}
-    facts["losses"] = pspnet_losses()
+    facts["losses"] = case.mmseg_pspnet_losses()
     print("losses", facts["losses"])
     save_file(tensors, str(case.REFERENCE))
     case.REFERENCE_FACTS.write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
-
-
-def pspnet_losses() -> dict[str, float]:
-    model = case.mmseg_model(case.CASES["pspnet_r50-d8"][0],
-                             decode_head={"loss_decode": case.LOSS_DECODE, "sampler": case.LOSS_SAMPLER},
-                             auxiliary_head={"loss_decode": case.LOSS_AUX})
-    model.load_state_dict(case.loss_state(model.state_dict()), strict=True)
-    model.train()
-    images, labels = case.loss_batch()
-    torch.manual_seed(case.DROPOUT_SEED)
-    losses = model.forward_train(images, case.image_metas(images.shape), labels[:, None])
-    return {k: float(v) for k, v in losses.items() if "loss" in k}
 
 
 if __name__ == "__main__":

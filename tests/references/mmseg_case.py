@@ -174,3 +174,15 @@ def image_metas(shape: tuple[int, ...]) -> list[dict]:
     height, width = shape[-2:]
     return [dict(img_shape=(height, width, 3), ori_shape=(height, width, 3), pad_shape=(height, width, 3),
                  scale_factor=1.0, flip=False) for _ in range(shape[0])]
+
+
+def mmseg_pspnet_losses() -> dict[str, float]:
+    """MMSegmentation's decode and auxiliary losses of the training-step case (``forward_train``)."""
+    model = mmseg_model(CASES["pspnet_r50-d8"][0], decode_head={"loss_decode": LOSS_DECODE, "sampler": LOSS_SAMPLER},
+                        auxiliary_head={"loss_decode": LOSS_AUX})
+    model.load_state_dict(loss_state(model.state_dict()), strict=True)
+    model.train()
+    images, labels = loss_batch()
+    torch.manual_seed(DROPOUT_SEED)
+    losses = model.forward_train(images, image_metas(images.shape), labels[:, None])
+    return {k: float(v.detach()) for k, v in losses.items() if "loss" in k}

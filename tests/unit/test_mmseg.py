@@ -152,7 +152,7 @@ def test_a_pspnet_training_step_has_mmsegmentations_losses():
     _, aux_logs = build_head_losses(aux, 19, "aux", "model.auxiliary_head")(out["aux_logits"], labels)
     want = FACTS["losses"]
     if LIVE:
-        want = _live_losses()
+        want = case.mmseg_pspnet_losses()
     assert decode_logs["decode.loss_ce"].item() == pytest.approx(want["decode.loss_ce"], abs=1e-5)
     assert aux_logs["aux.loss_ce"].item() == pytest.approx(want["aux.loss_ce"], abs=1e-5)
     assert decode_logs["decode.ohem_kept"] < 1  # OHEM left pixels out
@@ -161,18 +161,6 @@ def test_a_pspnet_training_step_has_mmsegmentations_losses():
 def _head_dict(head) -> dict:
     fields = {f.name: getattr(head, f.name) for f in dataclasses.fields(head) if f.name != "options"}
     return {**{k: v for k, v in fields.items() if v is not None}, **head.options}
-
-
-def _live_losses() -> dict[str, float]:
-    model = case.mmseg_model(case.CASES["pspnet_r50-d8"][0],
-                             decode_head={"loss_decode": case.LOSS_DECODE, "sampler": case.LOSS_SAMPLER},
-                             auxiliary_head={"loss_decode": case.LOSS_AUX})
-    model.load_state_dict(case.loss_state(model.state_dict()), strict=True)
-    model.train()
-    images, labels = case.loss_batch()
-    torch.manual_seed(case.DROPOUT_SEED)
-    losses = model.forward_train(images, case.image_metas(images.shape), labels[:, None])
-    return {k: float(v) for k, v in losses.items() if "loss" in k}
 
 
 # --------------------------------------------------------------------------- .pth checkpoints
