@@ -19,6 +19,33 @@ FILES = sorted(TUTORIALS.glob("*.yaml"))
 NORMALIZE = {"type": "Normalize", "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375], "to_rgb": True}
 
 
+@pytest.fixture(autouse=True)
+def own_registrations():
+    """The tutorial modules register MyOptimizer, MyOptimizerConstructor and MyHook, names that other
+    tests' modules register too in the same process: each test imports my_project afresh into
+    registries without those names, and the registries are as they were afterwards."""
+    import sys
+
+    from seg_accel.registry import HOOKS, OPTIMIZER_CONSTRUCTORS, OPTIMIZERS
+
+    registries = (OPTIMIZERS, OPTIMIZER_CONSTRUCTORS, HOOKS)
+    for registry in registries:
+        registry.names()  # seg-accel's own entries loaded first (they are loaded once per process)
+    saved = [(registry, dict(registry._entries)) for registry in registries]
+    for registry, _ in saved:
+        for name in ("MyOptimizer", "MyOptimizerConstructor", "MyHook"):
+            registry._entries.pop(name, None)
+    modules = [name for name in sys.modules if name == "my_project" or name.startswith("my_project.")]
+    for name in modules:
+        del sys.modules[name]
+    yield
+    for registry, entries in saved:
+        registry._entries.clear()
+        registry._entries.update(entries)
+    for name in [n for n in sys.modules if n == "my_project" or n.startswith("my_project.")]:
+        del sys.modules[name]
+
+
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 def test_tutorial_validates_at_full_size(path, monkeypatch):
     monkeypatch.chdir(TUTORIALS)  # custom_imports import my_project from the working directory
