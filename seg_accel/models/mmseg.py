@@ -416,18 +416,12 @@ class MmsegFamily(ModelFamily):
             except (TypeError, ValueError) as exc:
                 raise ConfigError(str(exc), key=f"{key}.{name}") from exc
 
-    def _weights_source(self, model_cfg: ModelConfig) -> tuple[str, str] | None:
-        if model_cfg.pretrained is not None:
-            return model_cfg.pretrained, "model.pretrained"
-        return None  # backbone_pretrained: loaded by the builder after build
-
     def build(self, model_cfg: ModelConfig, classes: list[str], key: str) -> nn.Module:
         model = self._build(model_cfg, classes)
-        source = self._weights_source(model_cfg)
-        if source is not None:
+        if model_cfg.pretrained is not None:  # (backbone_pretrained: the builder loads it after build)
             from seg_accel.models.builder import load_backbone_weights
 
-            load_backbone_weights(model, source[0], f"{key}.pretrained", self)
+            load_backbone_weights(model, model_cfg.pretrained, f"{key}.pretrained", self)
         return model
 
     def _build(self, model_cfg: ModelConfig, classes: list[str]) -> EncoderDecoder:
