@@ -37,6 +37,9 @@ class Config:
     dict: dict[str, Any]
     filename: str
     origins: dict[str, str] = field(default_factory=dict)
+    # what was translated from MMSegmentation's vocabulary (1.x keys, .py variables), and notices
+    mapped: Any = None
+    notices: list[str] = field(default_factory=list)
 
     def origin(self, key: str | None) -> str:
         """The file that set ``key`` (or its closest parent); the main file otherwise."""
@@ -147,17 +150,21 @@ def load_yaml(text: str, file: str) -> Any:
         loader.dispose()
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_text(path: Path) -> str:
     try:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
             raise ConfigError(f"the file is {size / 2**20:.1f} MiB; a config may be at most "
                               f"{MAX_CONFIG_BYTES // 2**20} MiB (MAX_CONFIG_BYTES)", file=str(path))
-        text = path.read_text()
+        return path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc.strerror}", file=str(path)) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not a text file ({exc.reason} at byte {exc.start})", file=str(path)) from exc
+
+
+def _read_yaml(path: Path) -> dict:
+    text = _read_text(path)
     try:
         data = load_yaml(text, str(path))
     except yaml.YAMLError as exc:
@@ -238,11 +245,53 @@ def packaged_config(name: str) -> Path:
     return PACKAGED_CONFIGS / name
 
 
-def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
+CONFIG_SUFFIXES = (".yaml", ".yml", ".py")
+# seg-accel's own top-level keys: --cfg-options on them apply after the 1.x translation
+_OWN_KEYS = ("model", "data", "optimizer", "runner", "lr_config", "momentum_config", "optimizer_config", "log_config",
+             "checkpoint_config", "evaluation", "custom_hooks", "workflow")
+
+
+@dataclass
+class _Reading:
+    """What reading a config and its bases found beside the values: the top-level names that
+    ``.py`` files assigned (MMSegmentation's variables among them), the names they read, and
+    notices."""
+
+    py_names: dict[str, str] = field(default_factory=dict)  # name -> the .py file that assigned it last
+    names_read: set[str] = field(default_factory=set)
+    notices: list[str] = field(default_factory=list)
+    lines: dict[str, int] = field(default_factory=dict)  # "<file>:<name>" -> line of the assignment
+
+
+def _base_path(base: str, path: Path, reading: _Reading) -> Path:
+    if base.startswith(PACKAGE_PREFIX):
+        return packaged_config(base[len(PACKAGE_PREFIX):]).resolve()
+    found = (path.parent / base).resolve()
+    if not found.is_file() and path.suffix == ".py":
+        # MMSegmentation's `_base_ = './pspnet_r50-d8_512x1024_40k_cityscapes.py'`: a config seg-accel ships
+        # under that file name, when the user's folder has no such file
+        stem = Path(base).name.removesuffix(".py").removesuffix(".yaml")
+        shipped = packaged_config(stem)
+        if shipped.is_file():
+            reading.notices.append(f"{path.name}: _base_ '{base}' is not beside the file; using seg-accel's "
+                                   f"seg_accel::{stem}")
+            return shipped.resolve()
+    return found
+
+
+def _load_file(path: Path, stack: tuple[Path, ...], reading: _Reading | None = None) -> tuple[dict, dict[str, str]]:
+    from seg_accel.config import pyconfig
+
+    reading = reading if reading is not None else _Reading()
     path = path.resolve()
-    raw = _read_yaml(path)
     file = str(path)
-    bases = raw.pop(BASE_KEY, [])
+    if path.suffix == ".py":
+        text = _read_text(path)
+        bases = pyconfig.read_bases(path, text)
+        raw = None
+    else:
+        raw = _read_yaml(path)
+        bases = raw.pop(BASE_KEY, [])
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
@@ -252,10 +301,7 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[str, str
     origins: dict[str, str] = {}
     base_of_key: dict[str, str] = {}
     for base in bases:
-        if base.startswith(PACKAGE_PREFIX):
-            base_path = packaged_config(base[len(PACKAGE_PREFIX):]).resolve()
-        else:
-            base_path = (path.parent / base).resolve()
+        base_path = _base_path(base, path, reading)
         if base_path in stack or base_path == path:
             chain = " -> ".join(str(p) for p in (*stack, path, base_path))
             raise ConfigError(f"_base_ cycle: {chain}", key=BASE_KEY, file=file)
@@ -263,7 +309,10 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[str, str
             raise ConfigError(
                 f"base config '{base}' not found (looked for {base_path})", key=BASE_KEY, file=file
             )
-        base_dict, base_origins = _load_file(base_path, (*stack, path))
+        if base_path.suffix not in CONFIG_SUFFIXES:
+            raise ConfigError(f"base config '{base}': config files are YAML (.yaml/.yml) or Python (.py)",
+                              key=BASE_KEY, file=file)
+        base_dict, base_origins = _load_file(base_path, (*stack, path), reading)
         for k in base_dict:
             if k in merged:
                 raise ConfigError(
@@ -276,6 +325,15 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[str, str
         merged.update(base_dict)
         origins.update(base_origins)
 
+    if raw is None:
+        def lookup(name: str) -> tuple[bool, Any]:
+            return (name in merged, merged.get(name))
+
+        py = pyconfig.read_py_config(path, text, lookup if bases else None)
+        raw = py.values
+        reading.py_names.update({name: file for name in raw})
+        reading.names_read |= py.names_read
+        reading.lines.update({f"{file}:{name}": line for name, line in py.lines.items()})
     if raw.get(DELETE_KEY, False):
         merged, origins = {}, {}
     _merge(merged, raw, "", file, origins)
@@ -475,16 +533,31 @@ def load_config(path: str | os.PathLike, cfg_options: list[str] | None = None,
         hint = did_you_mean(text[len(PACKAGE_PREFIX):], [p.stem for p in PACKAGED_CONFIGS.rglob("*.yaml")],
                             list_all=False) if text.startswith(PACKAGE_PREFIX) else ""
         raise ConfigError(f"config file not found: {text}" + hint)
-    if path.suffix not in (".yaml", ".yml"):
-        raise ConfigError(f"config files are YAML (.yaml/.yml), got '{path.name}'", file=str(path))
-    data, origins = _load_file(path, ())
-    options = parse_cfg_options(cfg_options)
+    if path.suffix not in CONFIG_SUFFIXES:
+        raise ConfigError(f"config files are YAML (.yaml/.yml) or MMSegmentation's Python (.py), got '{path.name}'",
+                          file=str(path))
+    reading = _Reading()
+    data, origins = _load_file(path, (), reading)
     data = copy.deepcopy(data)
-    for key, value in options:
+    from seg_accel.config.vocabulary import translate
+
+    options = parse_cfg_options(cfg_options)
+    # an option on a key the file has (a 1.x key of a 1.x config too) applies before the translation,
+    # any other (seg-accel's keys) after it
+    early = [(k, v) for k, v in options if k.split(".")[0] in data and k.split(".")[0] not in _OWN_KEYS]
+    for key, value in early:
         apply_option(data, key, value, origins)
+    data, origins, mapped = translate(data, origins, reading.py_names, reading.names_read, str(path.resolve()),
+                                      reading.lines)
+    for key, value in options:
+        if (key, value) not in early:
+            apply_option(data, key, value, origins)
     for key, value in (overrides or {}).items():
         apply_option(data, key, value, origins, origin="--" + key.replace("_", "-"))
-    cfg = Config(dict=data, filename=str(path.resolve()), origins=origins)
+    cfg = Config(dict=data, filename=str(path.resolve()), origins=origins, mapped=mapped,
+                 notices=reading.notices + mapped.notices)
+    for line in cfg.notices:
+        logger.info("config: %s", line)
     import_custom_modules(cfg)
     return cfg
 

@@ -114,6 +114,22 @@ class RandomResize:
 
 
 @TRANSFORMS.register()
+class RandomChoiceResize:
+    """Resize to one of ``scales`` (each ``[w, h]``), drawn uniformly per sample (MMSegmentation's
+    ``RandomChoiceResize``; 0.x ``Resize(img_scale=[...], multiscale_mode='value')``)."""
+
+    def __init__(self, scales: list[list[int]], keep_ratio: bool = True, antialias: bool = False):
+        if not isinstance(scales, list) or not scales:
+            raise ConfigError(f"must be a list of [w, h] scales, got {scales!r}", key="scales")
+        self.scales = [_wh(s, "scales") for s in scales]
+        self.keep_ratio, self.antialias = keep_ratio, antialias
+
+    def __call__(self, results: Results, rng: np.random.Generator) -> Results:
+        scale = self.scales[int(rng.integers(len(self.scales)))]
+        return Resize(scale, self.keep_ratio, self.antialias)(results, rng)
+
+
+@TRANSFORMS.register()
 class RandomCrop:
     """Crop ``crop_size = [h, w]`` at a random place; with ``cat_max_ratio < 1`` retry up
     to 10 times until no single class covers more than that share of the crop."""

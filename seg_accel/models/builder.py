@@ -48,17 +48,33 @@ def check_model_config(model_cfg: ModelConfig, key: str = "model", classes: list
     if not family.builds_heads:
         for name in ("decode_head", "auxiliary_head"):
             head = getattr(model_cfg, name)
-            if head is not None and (head.type is not None or head.options):
+            options = dict(head.options) if head is not None else {}
+            if "num_classes" in options:  # every MMSegmentation head has it: accepted when it fits the data
+                check_head_num_classes(options.pop("num_classes"), head, classes, f"{key}.{name}.num_classes")
+            if head is not None and (head.type is not None or options):
                 from dataclasses import fields
 
                 from seg_accel.errors import did_you_mean
 
-                first = "type" if head.type is not None else next(iter(head.options))
+                first = "type" if head.type is not None else next(iter(options))
                 known = [f.name for f in fields(head) if f.name not in ("type", "options")]
                 raise ConfigError(f"unknown key '{first}' in {key}.{name}." + did_you_mean(first, known) +
                                   f" (a head's type and module options are for model.type: EncoderDecoder; "
                                   f"{model_cfg.type} brings its own heads)", key=f"{key}.{name}.{first}")
     family.check(model_cfg, list(classes or []), key)
+
+
+def check_head_num_classes(value: object, head: object, classes: list[str] | None, key: str) -> None:
+    """A head's ``num_classes`` (MMSegmentation's configs all have one) must be the data's class
+    count (or 1 for a binary sigmoid head with ``out_channels: 1``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"must be a positive integer, got {value!r}", key=key)
+    if not classes:
+        return
+    allowed = {len(classes)} | ({1} if getattr(head, "out_channels", None) == 1 else set())
+    if value not in allowed:
+        raise ConfigError(f"num_classes is {value} but the data has {len(classes)} classes; seg-accel takes the class "
+                          f"count from the data: remove num_classes or make it {len(classes)}", key=key)
 
 
 def check_model_against_data(model_cfg: ModelConfig, classes: list[str], key: str = "model") -> None:

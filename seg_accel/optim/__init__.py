@@ -8,6 +8,7 @@ from seg_accel.optim.param_groups import (
     param_group_table,
     with_fused_kernel,
 )
+from seg_accel.optim import chains  # noqa: F401  (registers the "chain" policies)
 from seg_accel.optim.schedules import ParamScheduler, build_lr_scheduler, build_momentum_scheduler
 
 __all__ = [
