@@ -8,6 +8,7 @@ from seg_accel.cli.common import is_peer_failure as _is_peer_failure  # noqa: F4
 from seg_accel.cli.common import run_cli
 from seg_accel.cli.checkpoint import convert_checkpoint_cli
 from seg_accel.cli.convert import convert_cli
+from seg_accel.cli.convert_config import convert_config_cli
 from seg_accel.cli.env import env_cli
 from seg_accel.cli.evaluate import evaluate_cli
 from seg_accel.cli.export_onnx import export_onnx_cli
@@ -22,12 +23,13 @@ from seg_accel.cli.tools import (
 from seg_accel.cli.train import train_cli
 
 COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
-    "train": (train_cli, "train from a YAML config (here, or on several processes with --num-processes)"),
+    "train": (train_cli, "train from a YAML or MMSegmentation .py config (here, or on several processes with --num-processes)"),
     "evaluate": (evaluate_cli, "score a work dir, checkpoint, export or Hub model on data.test/data.val"),
     "predict": (predict_cli, "predict class maps and probabilities for images without labels (files, folders, globs)"),
     "export-onnx": (export_onnx_cli, "export a model to ONNX and check it against PyTorch in onnxruntime"),
     "push": (push_to_hub_cli, "publish a work dir, checkpoint or export to the Hugging Face Hub"),
     "convert-checkpoint": (convert_checkpoint_cli, "an MMSegmentation .pth to a seg-accel export, or back to a .pth"),
+    "convert-config": (convert_config_cli, "an MMSegmentation .py config (0.x or 1.x, never run) as a seg-accel YAML"),
     "convert-dataset": (convert_cli, "convert a standard dataset's official archives to its config's folder layout"),
     "print-config": (print_config_cli, "print the resolved config (after _base_, _delete_, --cfg-options)"),
     "param-groups": (print_param_groups_cli, "print the optimizer's parameter groups of a config"),

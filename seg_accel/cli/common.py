@@ -85,7 +85,8 @@ def resolve_config(text: str) -> str:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("config", help="YAML config file, or the name of a packaged config (seg-accel list-configs)")
+    parser.add_argument("config", help="YAML or MMSegmentation .py config file, or the name of a packaged config "
+                                       "(seg-accel list-configs)")
     add_option_arguments(parser)
     return parser
 

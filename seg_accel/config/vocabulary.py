@@ -168,8 +168,8 @@ class _Translation:
         known = own | set(KEYS_1X) | set(MACHINERY)
         if "optim_wrapper" in self.data and "optimizer" in py_names and "optimizer" in self.data:
             if self.data["optimizer"] != self.data["optim_wrapper"].get("optimizer"):
-                self.mapped.notices.append("the top-level `optimizer` differs from optim_wrapper.optimizer; "
-                                           "MMSegmentation 1.x trains with optim_wrapper.optimizer, and so does this run")
+                self.mapped.notices.append("the top-level variable `optimizer` differs from optim_wrapper.optimizer, "
+                                           "which MMSegmentation 1.x trains with, and so does seg-accel")
             self.data.pop("optimizer")
         for name, file in py_names.items():
             if name in known or name not in self.data:
@@ -694,7 +694,8 @@ class _Translation:
         self.datasets()
         self.model()
         if self.mapped.ignored:
-            self.mapped.notices.append("ignored (MMSegmentation's own machinery): " + "; ".join(self.mapped.ignored))
+            self.mapped.notices.append("ignored (MMSegmentation's own machinery; docs/configs.md says why): " +
+                                       ", ".join(item.split(" (")[0] for item in self.mapped.ignored))
         if self.mapped.variables:
             self.mapped.notices.append("variables of the .py files (not config keys): " +
                                        ", ".join(sorted(set(self.mapped.variables))))

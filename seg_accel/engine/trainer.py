@@ -69,7 +69,6 @@ from seg_accel.runtime.storage import write_text_atomic
 logger = logging.getLogger("seg_accel")
 
 
-
 class Trainer:
     """Builds everything from a validated ``TrainConfig``; ``train()`` runs the workflow."""
 
@@ -82,6 +81,7 @@ class Trainer:
         try:
             self._build_data()
             model, group_table, notes = self._build_model_and_optimizer()
+            notes = [*(f"config: {line}" for line in raw_cfg.notices), *notes]  # what MMSegmentation's keys became
             self._build_components()
             self._build_hooks(logger_hooks)
             self._resume(model)
