@@ -192,3 +192,91 @@ def test_the_ignore_index_trick_on_data_with_other_unlabelled_pixels_is_one_line
     dataset = build_dataset(section, "data.train", 0)
     with pytest.raises(DataError, match=r"0\.png.*label values \[255\] are neither a class id"):
         dataset[0]
+
+
+# --------------------------------------------------------------------------- the Python snippets
+def tutorial_snippets() -> dict[str, str]:
+    """docs/tutorials.md's MMSegmentation originals (```text blocks), by the tutorial YAML shown
+    after each."""
+    import re
+
+    text = (REPO / "docs" / "tutorials.md").read_text()
+    pairs, pending = {}, None
+    for kind, body in re.findall(r"```(text|yaml|python)\n(.*?)```", text, re.S):
+        if kind == "text" and not body.startswith("seg-accel"):
+            pending = body
+        elif kind == "yaml" and pending is not None:
+            pairs[Path(body.splitlines()[0].removeprefix("# ").strip()).stem] = pending
+            pending = None
+    return pairs
+
+
+SNIPPETS = tutorial_snippets()
+# What the pasted snippet gives as it is, where that is not the tutorial's YAML (the same in
+# MMSegmentation 0.30, which merges these into the base the same way), and the edit that makes it
+# the YAML; docs/tutorials.md says the same beside each.
+AS_PASTED = {
+    # MMSegmentation's snippet closes decode_head after auxiliary_head: the aux head lands inside it
+    "ignore_index": ("model.decode_head.auxiliary_head: FCNHead has no option 'auxiliary_head'",
+                     [("avg_non_ignore=True),\n    auxiliary_head", "avg_non_ignore=True)),\n    auxiliary_head"),
+                      ("avg_non_ignore=True)),\n    ))", "avg_non_ignore=True)),\n    )")]),
+    # merged into the base's SGD, which passes momentum to Adam
+    "adam": ("optimizer.momentum: optimizer Adam has no option 'momentum'",
+             [("dict(type='Adam'", "dict(_delete_=True, type='Adam'")]),
+    # merged into the base's poly schedule, whose power the other policies do not take
+    "cyclic_momentum": ("lr_config.power: lr policy cyclic has no option 'power'",
+                        [("policy='cyclic',\n    target_ratio=(10, 1e-4)",
+                          "_delete_=True,\n    policy='cyclic',\n    target_ratio=(10, 1e-4)")]),
+    "cosine": ("lr_config.power: lr policy CosineAnnealing has no option 'power'",
+               [("policy='CosineAnnealing',", "_delete_=True, by_epoch=False,\n    policy='CosineAnnealing',")]),
+    # and the steps 9 and 10 are epochs of MMSegmentation's tutorial; PSPNet's runner counts iterations
+    "step_lr": ("lr_config.power: lr policy step has no option 'power'",
+                [("policy='step', step=[9, 10]", "_delete_=True, policy='step', step=[30000, 36000], by_epoch=False")]),
+    # a_value and b_value are the tutorial's placeholders; MyHook is imported as the tutorial says
+    "custom_hooks": ("name 'a_value' is not assigned above",
+                     [("custom_hooks = [", "a_value = 10\nb_value = 2.0\ncustom_imports = dict(imports=["
+                                           "'my_project.my_hook'], allow_failed_imports=False)\ncustom_hooks = [")]),
+    # valid as pasted (every iteration); the YAML saves and evaluates every 4000 and keeps 3 checkpoints
+    "runtime_hooks": (None, [("checkpoint_config = dict(interval=1)",
+                              "checkpoint_config = dict(by_epoch=False, interval=4000, max_keep_ckpts=3, "
+                              "save_optimizer=True)"),
+                             ("evaluation = dict(interval=1, metric='mIoU')",
+                              "evaluation = dict(interval=4000, metric='mIoU', pre_eval=True)")]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SNIPPETS))
+def test_each_python_snippet_pasted_into_a_py_file_resolves_to_the_tutorial_yaml(name, tmp_path, monkeypatch):
+    """The snippet as it is, after a `_base_` line naming the tutorial's base (a snippet that has
+    its own `_base_ = './NAME.py'` keeps it: seg-accel's config of that name is used)."""
+    import yaml
+
+    from seg_accel.errors import ConfigError
+
+    monkeypatch.chdir(TUTORIALS)  # custom_imports import my_project from the working directory
+    yaml_path = TUTORIALS / f"{name}.yaml"
+    snippet = SNIPPETS[name]
+    base = yaml.safe_load(yaml_path.read_text())["_base_"]
+    text = snippet if snippet.lstrip().startswith("_base_") else f"_base_ = '{base}'\n{snippet}"
+    expected = load_config(yaml_path).dict
+    pasted = tmp_path / f"{name}.py"
+    pasted.write_text(text)
+    error, edits = AS_PASTED.get(name, (None, []))
+    if error is None:
+        validate_train_config(load_config(pasted))
+    else:
+        with pytest.raises(ConfigError) as caught:
+            validate_train_config(load_config(pasted))
+        assert error in str(caught.value), str(caught.value)
+    if edits:
+        for old, new in edits:
+            assert old in text, old
+            text = text.replace(old, new)
+        pasted.write_text(text)
+    cfg = load_config(pasted)
+    validate_train_config(cfg)
+    assert cfg.dict == expected
+
+
+def test_every_snippet_is_compared():
+    assert set(SNIPPETS) == {p.stem for p in FILES} - {"custom_optimizer", "custom_constructor"}
