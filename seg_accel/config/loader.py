@@ -19,12 +19,21 @@ from typing import Any
 
 import yaml
 
+from seg_accel.config import pyconfig
+from seg_accel.config.limits import (  # noqa: F401  (MAX_*: part of this module's interface)
+    DELETE_KEY,
+    MAX_CONFIG_BYTES,
+    MAX_CONFIG_DEPTH,
+    MAX_CONFIG_VALUES,
+    PACKAGED_CONFIGS,
+    forget_origins,
+    record_origins,
+)
+from seg_accel.config.vocabulary import translate
 from seg_accel.errors import ConfigError
 
 BASE_KEY = "_base_"
 PACKAGE_PREFIX = "seg_accel::"  # `_base_: seg_accel::_base_/models/segformer_tiny.yaml`: a config shipped with seg-accel
-PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-DELETE_KEY = "_delete_"
 CFG_OPTIONS = "--cfg-options"
 
 logger = logging.getLogger("seg_accel")
@@ -79,10 +88,6 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-# Limits that keep a hostile or broken file from exhausting the machine before any check runs.
-MAX_CONFIG_BYTES = 4 * 2**20  # a real config is a few KB (the ADE20K recipe with 150 classes and palette: 8 KB)
-MAX_CONFIG_VALUES = 100_000  # values after expanding YAML aliases (a real config: a few thousand)
-MAX_CONFIG_DEPTH = 64  # nesting of mappings and lists
 
 
 class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when installed
@@ -181,20 +186,8 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _record(obj: Any, key: str, file: str, origins: dict[str, str]) -> None:
-    origins[key] = file
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k != DELETE_KEY:
-                _record(v, f"{key}.{k}", file, origins)
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            _record(v, f"{key}.{i}", file, origins)
-
-
-def _forget(key: str, origins: dict[str, str]) -> None:
-    for k in [k for k in origins if k == key or k.startswith(key + ".")]:
-        del origins[k]
+_record = record_origins
+_forget = forget_origins
 
 
 def _strip_delete(obj: Any) -> Any:
@@ -280,8 +273,6 @@ def _base_path(base: str, path: Path, reading: _Reading) -> Path:
 
 
 def _load_file(path: Path, stack: tuple[Path, ...], reading: _Reading | None = None) -> tuple[dict, dict[str, str]]:
-    from seg_accel.config import pyconfig
-
     reading = reading if reading is not None else _Reading()
     path = path.resolve()
     file = str(path)
@@ -539,8 +530,6 @@ def load_config(path: str | os.PathLike, cfg_options: list[str] | None = None,
     reading = _Reading()
     data, origins = _load_file(path, (), reading)
     data = copy.deepcopy(data)
-    from seg_accel.config.vocabulary import translate
-
     options = parse_cfg_options(cfg_options)
     # an option on a key the file has (a 1.x key of a 1.x config too) applies before the translation,
     # any other (seg-accel's keys) after it

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seg_accel.config.limits import MAX_CONFIG_DEPTH, MAX_CONFIG_VALUES
 from seg_accel.errors import ConfigError
 
 BASE_KEY = "_base_"
@@ -124,8 +125,6 @@ class _Reader:
 
     # ------------------------------------------------------------------ expressions
     def expr(self, node: ast.expr, depth: int) -> Any:
-        from seg_accel.config.loader import MAX_CONFIG_DEPTH
-
         if depth > MAX_CONFIG_DEPTH:
             raise self.fail(node, f"the config nests deeper than {MAX_CONFIG_DEPTH} levels (MAX_CONFIG_DEPTH)")
         if isinstance(node, ast.Constant):
@@ -293,8 +292,6 @@ class _Reader:
         return result
 
     def _max_values(self) -> int:
-        from seg_accel.config.loader import MAX_CONFIG_VALUES
-
         return MAX_CONFIG_VALUES
 
     def subscript(self, node: ast.Subscript, depth: int) -> Any:
@@ -323,8 +320,6 @@ class _Reader:
 def _count_values(value: Any, file: str) -> None:
     """Expanded size of the evaluated values (a name used ten times in ten nested lists is
     10**n values once written out), checked against MAX_CONFIG_VALUES without expanding."""
-    from seg_accel.config.loader import MAX_CONFIG_DEPTH, MAX_CONFIG_VALUES
-
     sizes: dict[int, int] = {}
 
     def size(obj: Any, depth: int) -> int:

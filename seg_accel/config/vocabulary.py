@@ -31,6 +31,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
+from seg_accel.config.limits import PACKAGED_CONFIGS, forget_origins, record_origins
 from seg_accel.errors import ConfigError, close_matches, did_you_mean
 
 # the keys of MMSegmentation 1.x (mmengine) configs that map to seg-accel's
@@ -133,8 +136,6 @@ class _Translation:
 
     def put(self, key: str, value: Any, source: str, note: str | None = None) -> None:
         """Set ``key`` (dotted) to ``value``, from the file of ``source``."""
-        from seg_accel.config.loader import _forget, _record
-
         file = self.origin(source)
         node = self.data
         parts = key.split(".")
@@ -144,8 +145,8 @@ class _Translation:
                 self.origins.setdefault(".".join(parts[: i + 1]), file)
             node = node[part]
         node[parts[-1]] = value
-        _forget(key, self.origins)
-        _record(value, key, file, self.origins)
+        forget_origins(key, self.origins)
+        record_origins(value, key, file, self.origins)
         self.mapped.notes[key] = note or f"from {source} (MMSegmentation 1.x)"
 
     def pop(self, key: str) -> Any:
@@ -440,11 +441,9 @@ class _Translation:
                 self.dataset(data[split], f"data.{split}", split, preprocessor)
 
     def dataset(self, ds: dict, key: str, split: str, preprocessor: dict | None) -> None:
-        from seg_accel.config.loader import PACKAGED_CONFIGS, load_yaml
-
         kind = ds.get("type")
         if kind in DATASET_CONFIGS:
-            shipped = load_yaml((PACKAGED_CONFIGS / DATASET_CONFIGS[kind]).read_text(), DATASET_CONFIGS[kind])
+            shipped = yaml.safe_load((PACKAGED_CONFIGS / DATASET_CONFIGS[kind]).read_text())  # seg-accel's own file
             defaults = shipped["data"]["train"]
             ds["type"] = "CustomDataset"
             for name in DATASET_DEFAULT_KEYS:

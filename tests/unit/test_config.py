@@ -131,8 +131,8 @@ def test_duplicate_key_in_one_file_is_an_error(tmp_path):
 def test_non_mapping_file_and_non_yaml_suffix(tmp_path):
     with pytest.raises(ConfigError, match="mapping"):
         load_config(write(tmp_path / "list.yaml", "- 1\n- 2\n"))
-    with pytest.raises(ConfigError, match="YAML"):
-        load_config(write(tmp_path / "cfg.py", "x = 1\n"))
+    with pytest.raises(ConfigError, match=r"YAML \(.yaml/.yml\) or MMSegmentation's Python \(.py\)"):
+        load_config(write(tmp_path / "cfg.json", "{}\n"))  # (.py configs are read: tests/unit/test_pyconfig.py)
 
 
 # ----------------------------------------------------------------------------- --cfg-options

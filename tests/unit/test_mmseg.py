@@ -73,12 +73,16 @@ def test_logits_equal_mmsegmentation_030_with_the_same_weights(network, saved):
         aux = model.auxiliary_head(features)
     want = reference_outputs(network, saved)
     assert logits.shape == want["decode"].shape
-    assert torch.allclose(logits, want["decode"], atol=1e-5, rtol=0), (logits - want["decode"]).abs().max()
-    assert torch.allclose(aux, want["auxiliary"], atol=1e-5, rtol=0), (aux - want["auxiliary"]).abs().max()
+    # the seeded weights make logits of a few thousand: float32 carries ~7 digits, and the summation
+    # order of the convolutions differs between CPUs, so equal is to 1e-5 of the outputs' scale
+    tol = 1e-5 * max(1.0, want["decode"].abs().max().item())
+    assert torch.allclose(logits, want["decode"], atol=tol, rtol=0), (logits - want["decode"]).abs().max() / tol
+    tol_aux = 1e-5 * max(1.0, want["auxiliary"].abs().max().item())
+    assert torch.allclose(aux, want["auxiliary"], atol=tol_aux, rtol=0), (aux - want["auxiliary"]).abs().max()
     assert want["decode"].abs().max() > 0.05  # the case is not degenerate (logits far from zero)
     if "encode_decode" in want:  # at the input size, as MMSegmentation's inference resizes
         full = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=model.align_corners)
-        assert torch.allclose(full, want["encode_decode"], atol=1e-5, rtol=0)
+        assert torch.allclose(full, want["encode_decode"], atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("network", list(case.CASES))

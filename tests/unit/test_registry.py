@@ -100,6 +100,7 @@ MINIMAL_TRANSFORM_ARGS = {
     "Normalize": {"mean": [1.0, 2.0, 3.0], "std": [1.0, 1.0, 1.0]},
     "Pad": {"size": [20, 20]},
     "RandomResize": {"scale": [28, 20], "ratio_range": [0.5, 2.0]},
+    "RandomChoiceResize": {"scales": [[28, 20], [40, 30], [16, 12]]},
     "PhotoMetricDistortion": {},
 }
 
