@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from typing import Any
 import yaml
 
 from seg_accel.config.limits import PACKAGED_CONFIGS, forget_origins, record_origins
-from seg_accel.errors import ConfigError, close_matches, did_you_mean
+from seg_accel.errors import ConfigError, did_you_mean
 
 # the keys of MMSegmentation 1.x (mmengine) configs that map to seg-accel's
 KEYS_1X = ("optim_wrapper", "param_scheduler", "train_cfg", "val_cfg", "test_cfg", "default_hooks", "vis_backends",
@@ -175,7 +176,8 @@ class _Translation:
         for name, file in py_names.items():
             if name in known or name not in self.data:
                 continue
-            close = close_matches(name, sorted(own | set(KEYS_1X)))
+            # a typo of a key (optimzer): nearly the key; MMSegmentation's own variables are not (crop_size)
+            close = difflib.get_close_matches(name, sorted(own | set(KEYS_1X)), n=3, cutoff=0.85)
             if name in names_read or not close:
                 # read by another line (crop_size, norm_cfg), or unread but like no key (a leftover variable)
                 self.data.pop(name)
