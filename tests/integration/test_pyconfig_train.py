@@ -41,3 +41,9 @@ def test_the_converted_yaml_trains_bitwise_equal_to_the_py_on_two_processes(tmp_
     assert all(torch.equal(py[k], yml[k]) for k in py)
     middle = load_file(tmp_path / "py" / "iter_3" / "model.safetensors")
     assert not all(torch.equal(middle[k], py[k]) for k in py)  # it trained after iteration 3
+    # evaluate and param-groups take the .py as well
+    run = seg_accel(["evaluate", str(CONFIG), str(tmp_path / "py"), "--num-processes", "2"], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "mIoU" in run.stdout + run.stderr
+    run = seg_accel(["param-groups", str(CONFIG)], tmp_path)
+    assert run.returncode == 0 and "custom_keys['head']" in run.stdout, run.stderr[-2000:]

@@ -136,9 +136,10 @@ def test_code_in_a_config_is_refused_with_file_and_line_and_never_runs(name, tmp
 def test_the_command_refuses_it_in_one_line_with_exit_2(tmp_path):
     marker = tmp_path / MARKER
     path = write(tmp_path / "evil.py", f"import os\nos.system('touch {marker}')\n")
-    for command in ("train", "print-config", "convert-config"):
-        run = subprocess.run([sys.executable, "-m", "seg_accel", command, str(path)], capture_output=True, text=True,
-                             env=script_env(), timeout=120, cwd=tmp_path)
+    for command in (["train"], ["train", "--num-processes", "2"], ["print-config"], ["param-groups"],
+                    ["convert-config"]):
+        run = subprocess.run([sys.executable, "-m", "seg_accel", command[0], str(path), *command[1:]],
+                             capture_output=True, text=True, env=script_env(), timeout=120, cwd=tmp_path)
         assert run.returncode == 2, run.stderr
         assert run.stderr.strip().count("\n") == 0 and "line 1: an import is not allowed" in run.stderr, run.stderr
         assert not marker.exists()
