@@ -270,7 +270,8 @@ class _Reader:
             result = left + right
             limit = MAX_STRING if isinstance(result, str) else self._max_values()
             if len(result) > limit:
-                raise self.fail(node, f"the value grows past {limit:,} {'characters' if isinstance(result, str) else 'items'}")
+                unit = "characters" if isinstance(result, str) else "items"
+                raise self.fail(node, f"the value grows past {limit:,} {unit}")
             return result
         if symbol == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and \
                 max(abs(left).bit_length(), 1) * right > MAX_INT_BITS:

@@ -398,7 +398,8 @@ class TrainConfig:
     momentum_config: Annotated[dict | None, Component("momentum schedule", key="policy")] = None
     optimizer_config: OptimizerStepConfig = field(default_factory=OptimizerStepConfig)
     log_config: LogConfig = field(default_factory=LogConfig)
-    workflow: list[tuple[Literal["train", "val"], int]] = field(default_factory=lambda: [["train", 1]])  # as parsed from a file
+    # the default as a file's value parses (a list of [mode, count] lists)
+    workflow: list[tuple[Literal["train", "val"], int]] = field(default_factory=lambda: [["train", 1]])
     checkpoint_config: CheckpointConfig | None = None
     evaluation: EvaluationConfig | None = field(default_factory=lambda: EvaluationConfig(interval=None))
     custom_hooks: Annotated[list, Component("hook", many=True)] = field(default_factory=list)

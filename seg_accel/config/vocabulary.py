@@ -72,19 +72,21 @@ DATASET_CONFIGS = {
 DATASET_DEFAULT_KEYS = ("classes", "palette", "img_suffix", "seg_map_suffix", "reduce_zero_label", "label_map")
 # MMSegmentation components seg-accel does not build, and what it offers instead
 NOT_BUILT = {
-    "SwinTransformer": "UperNetForSemanticSegmentation with a Swin backbone (configs/upernet) or Mask2Former",
-    "VisionTransformer": "DPTForSemanticSegmentation or BeitForSemanticSegmentation (transformers; configs/dpt, "
-                         "configs/beit)",
-    "BEiT": "BeitForSemanticSegmentation (configs/beit)", "MAE": "BeitForSemanticSegmentation (configs/beit)",
-    "ConvNeXt": "UperNetForSemanticSegmentation with a ConvNeXt backbone (configs/upernet)",
-    "HRNet": "an smp model on a timm HRNet encoder (model.type: smp.Unet, encoder_name: tu-hrnet_w18)",
-    "MobileNetV2": "smp.DeepLabV3Plus with encoder_name: mobilenet_v2", "MobileNetV3": "smp with a tu-mobilenetv3 "
-                   "encoder", "ResNeSt": "smp with a timm-resnest encoder", "MixVisionTransformer":
-                   "SegformerForSemanticSegmentation (MixVisionTransformer with a SegformerHead maps to it)",
-    "CascadeEncoderDecoder": "EncoderDecoder (one decode head and an auxiliary head)",
-    "SegformerHead": "SegformerForSemanticSegmentation (a MixVisionTransformer backbone with a SegformerHead)",
-    "Mask2FormerHead": "transformers' Mask2Former (not yet a seg-accel family)",
-    "MaskFormerHead": "transformers' MaskFormer (not yet a seg-accel family)",
+    "SwinTransformer": "it offers UperNetForSemanticSegmentation with a Swin backbone (configs/upernet)",
+    "VisionTransformer": "it offers DPTForSemanticSegmentation and BeitForSemanticSegmentation (configs/dpt, beit)",
+    "BEiT": "it offers BeitForSemanticSegmentation (configs/beit)",
+    "MAE": "it offers BeitForSemanticSegmentation (configs/beit)",
+    "ConvNeXt": "it offers UperNetForSemanticSegmentation with a ConvNeXt backbone (configs/upernet)",
+    "HRNet": "it offers smp models on timm's HRNet encoders (encoder_name: tu-hrnet_w18)",
+    "MobileNetV2": "it offers smp's DeepLabV3Plus with encoder_name: mobilenet_v2",
+    "MobileNetV3": "it offers smp models on timm's MobileNetV3 encoders (encoder_name: tu-mobilenetv3_large_100)",
+    "ResNeSt": "it offers smp models on timm's ResNeSt encoders (encoder_name: tu-resnest50d)",
+    "MixVisionTransformer": "it offers SegformerForSemanticSegmentation (MixVisionTransformer with SegformerHead maps "
+                            "to it)",
+    "CascadeEncoderDecoder": "it offers EncoderDecoder (one decode head and an auxiliary head)",
+    "SegformerHead": "it offers SegformerForSemanticSegmentation (MixVisionTransformer with SegformerHead maps to it)",
+    "Mask2FormerHead": "Mask2Former is not yet a seg-accel family",
+    "MaskFormerHead": "MaskFormer is not yet a seg-accel family",
 }
 # MMEngine's parameter schedulers seg-accel runs (seg_accel.optim.chains)
 SCHEDULER_KINDS = ("Linear", "Constant", "Exponential", "Poly", "CosineAnnealing", "MultiStep", "Step", "OneCycle")
@@ -101,6 +103,14 @@ def scheduler_target(name: str) -> str | None:
     return None
 
 
+# what seg-accel's EncoderDecoder builds (seg_accel.models.mmseg_backbones.BACKBONES, mmseg_heads.HEADS;
+# tests/unit/test_pyconfig.py keeps them equal)
+ENCODER_DECODER_BACKBONES = ("ResNet", "ResNetV1c", "ResNetV1d", "UNet")
+ENCODER_DECODER_HEADS = ("FCNHead", "PSPHead", "ASPPHead", "DepthwiseSeparableASPPHead", "UPerHead")
+MMSEG_SEGMENTORS = ("EncoderDecoder", "CascadeEncoderDecoder", "DepthEstimator", "SegTTAModel",
+                    "MultimodalEncoderDecoder")
+OTHER_NETWORKS = ("for other networks seg-accel has transformers' *ForSemanticSegmentation models (SegFormer, "
+                  "UperNet, DPT, BEiT) and smp's (docs/models.md)")
 MIT_WEIGHTS = re.compile(r"mit[_-]?(b[0-5])")
 
 
@@ -235,8 +245,8 @@ class _Translation:
                 raise self.error(f"dtype must be float16 or bfloat16, got {dtype!r}", f"{key}.dtype")
             scale = wrapper.get("loss_scale", "dynamic")
             if scale != "dynamic":
-                raise self.error(f"seg-accel scales fp16 losses dynamically (Accelerate's scaler); loss_scale={scale!r} "
-                                 "cannot be kept: remove it", f"{key}.loss_scale")
+                raise self.error(f"seg-accel scales fp16 losses dynamically (Accelerate's scaler); "
+                                 f"loss_scale={scale!r} cannot be kept: remove it", f"{key}.loss_scale")
             self.put("mixed_precision", "bf16" if dtype.startswith("b") else "fp16", f"{key}.type",
                      f"from {key}.type: AmpOptimWrapper (MMSegmentation 1.x)")
 
@@ -593,12 +603,24 @@ class _Translation:
         model = self.data.get("model")
         if not isinstance(model, dict):
             return
+        segformer = self._segformer(model)
+        from_py = self.origin("model.type").endswith(".py") or self.origin("model.backbone.type").endswith(".py")
         for part in ("type", "backbone.type", "decode_head.type", "auxiliary_head.type"):
             node: Any = model
             for p in part.split("."):
                 node = node.get(p) if isinstance(node, dict) else None
-            if isinstance(node, str) and node in NOT_BUILT and not self._segformer(model):
-                raise self.error(f"MMSegmentation's {node} is not built by seg-accel; it offers {NOT_BUILT[node]}",
+            if not isinstance(node, str) or segformer:
+                continue
+            offer = NOT_BUILT.get(node)
+            known = {"type": MMSEG_SEGMENTORS[:1], "backbone.type": ENCODER_DECODER_BACKBONES}.get(
+                part, ENCODER_DECODER_HEADS)
+            mmseg_model = model.get("type") in MMSEG_SEGMENTORS
+            if offer is None and from_py and mmseg_model and node not in known:
+                offer = OTHER_NETWORKS
+            if offer is not None:
+                builds = (f" (its EncoderDecoder builds the backbones {', '.join(ENCODER_DECODER_BACKBONES)} with the "
+                          f"heads {', '.join(ENCODER_DECODER_HEADS)})") if part != "type" else ""
+                raise self.error(f"MMSegmentation's {node} is not built by seg-accel{builds}; {offer}",
                                  f"model.{part}")
         test_cfg = model.get("test_cfg")
         if isinstance(test_cfg, dict):

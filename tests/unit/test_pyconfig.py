@@ -197,7 +197,14 @@ def test_a_typo_of_a_key_is_an_error_naming_the_key(tmp_path):
     ("randomness = dict(seed=1, diff_rank_seed=True)\n", "randomness.diff_rank_seed", "one seed"),
     ("val_evaluator = dict(type='CityscapesMetric')\n", "val_evaluator.type", "no seg-accel equivalent"),
     ("model = dict(type='EncoderDecoder', backbone=dict(type='SwinTransformer'))\n", "model.backbone.type",
-     "line 2: MMSegmentation's SwinTransformer is not built by seg-accel; it offers UperNetForSemanticSegmentation"),
+     "line 2: MMSegmentation's SwinTransformer is not built by seg-accel (its EncoderDecoder builds the backbones "
+     "ResNet, ResNetV1c, ResNetV1d, UNet with the heads FCNHead, PSPHead, ASPPHead, DepthwiseSeparableASPPHead, "
+     "UPerHead); it offers UperNetForSemanticSegmentation"),
+    ("x = 1\nmodel = dict(\n    type='EncoderDecoder',\n    backbone=dict(type='BiSeNetV1'))\n", "model.backbone.type",
+     "line 3: MMSegmentation's BiSeNetV1 is not built by seg-accel"),
+    ("model = dict(type='EncoderDecoder', backbone=dict(type='ResNetV1c'), decode_head=dict(type='OCRHead'))\n",
+     "model.decode_head.type", "OCRHead is not built by seg-accel (its EncoderDecoder builds"),
+    ("model = dict(type='CascadeEncoderDecoder')\n", "model.type", "it offers EncoderDecoder"),
 ])
 def test_keys_without_a_seg_accel_meaning_are_one_error(tmp_path, text, where, message):
     tiny_base(tmp_path)
@@ -239,3 +246,12 @@ def test_cfg_options_take_the_files_own_vocabulary(tmp_path):
                       ["train_cfg.max_iters=100", "optimizer.lr=0.5", "data.samples_per_gpu=1"])
     assert cfg.dict["runner"] == {"type": "IterBasedRunner", "max_iters": 100}
     assert cfg.dict["optimizer"]["lr"] == 0.5 and cfg.dict["data"]["samples_per_gpu"] == 1
+
+
+def test_the_vocabulary_knows_what_the_encoder_decoder_builds():
+    from seg_accel.config import vocabulary
+    from seg_accel.models.mmseg_backbones import BACKBONES
+    from seg_accel.models.mmseg_heads import HEADS
+
+    assert set(vocabulary.ENCODER_DECODER_BACKBONES) == set(BACKBONES)
+    assert set(vocabulary.ENCODER_DECODER_HEADS) == set(HEADS)
