@@ -297,7 +297,7 @@ class _Translation:
             runner = {"type": "EpochBasedRunner", "max_epochs": train.get("max_epochs")} if epochs else \
                 {"type": "IterBasedRunner", "max_iters": train.get("max_iters")}
             self.put("runner", runner, key)
-            val_interval = train.get("val_interval", 1)
+            val_interval = train.get("val_interval", 1 if epochs else 1000)  # mmengine's loops' defaults
         for name, loop in (("val_cfg", "ValLoop"), ("test_cfg", "TestLoop")):
             section = self.pop(name)
             if section is None:

@@ -255,3 +255,14 @@ def test_the_vocabulary_knows_what_the_encoder_decoder_builds():
 
     assert set(vocabulary.ENCODER_DECODER_BACKBONES) == set(BACKBONES)
     assert set(vocabulary.ENCODER_DECODER_HEADS) == set(HEADS)
+
+
+def test_loop_defaults_are_mmengines(tmp_path):
+    """IterBasedTrainLoop validates every 1000 iterations unless told, EpochBasedTrainLoop every epoch."""
+    tiny_base(tmp_path)
+    for loop, expected in (("dict(type='IterBasedTrainLoop', max_iters=4000)", 1000),
+                           ("dict(type='EpochBasedTrainLoop', max_epochs=3)", 1)):
+        path = write(tmp_path / "loop.py", f"_base_ = './tiny.yaml'\ntrain_cfg = {loop}\n"
+                                           "val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])\n")
+        cfg = load_config(path)
+        assert cfg.dict["evaluation"] == {"interval": expected, "metric": "mIoU"}
