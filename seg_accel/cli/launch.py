@@ -58,6 +58,7 @@ class _Pump(threading.Thread):
     def __init__(self, source: IO[bytes], target: IO[bytes]):
         super().__init__(daemon=True)
         self.source, self.target, self.muted = source, target, False
+        self.last = b""  # the last byte written: a progress bar may have left its line open
 
     def run(self) -> None:
         fd = self.source.fileno()
@@ -75,6 +76,11 @@ class _Pump(threading.Thread):
         if data and not self.muted:
             self.target.write(data)
             self.target.flush()
+            self.last = data[-1:]
+
+    def line_open(self) -> bool:
+        """Whether what was written last left a line open (a progress bar without its newline)."""
+        return self.last not in (b"", b"\n", b"\r")
 
 
 # the launcher's (torch elastic's) log lines: "E1201 21:06:25.749000 14452 torch/distributed/..."
@@ -270,7 +276,8 @@ def _outcome(code: int, errors: _StderrFilter, on_stop: Callable[[str], str], nu
         except ValueError:
             name = f"signal {number}"
         of = f" of {num_processes}" if num_processes else ""
-        print(f"error: {on_stop(f'process {rank}{of} was killed ({name})')}", file=sys.stderr, flush=True)
+        lead = "\n" if errors.line_open() else ""  # the one line starts a line of its own
+        print(f"{lead}error: {on_stop(f'process {rank}{of} was killed ({name})')}", file=sys.stderr, flush=True)
         return 1
     errors.release_held()
     exit_codes = [exit_code for _, exit_code in failures if exit_code > 0]

@@ -47,3 +47,21 @@ def test_errors_caused_by_another_process_are_told_apart(message, peer):
 
     assert _is_peer_failure(RuntimeError(message)) is peer
     assert _is_peer_failure(ValueError(message)) is False  # only what collectives raise
+
+
+@pytest.mark.parametrize("before, lead", [(b"\rtrain:  41%|####      | 5/12", True), (b"done\n", False),
+                                          (b"\rtrain:  41%|####      | 5/12\r", False)])
+def test_the_killed_process_line_starts_a_line_of_its_own_after_a_progress_bar(before, lead, capsys):
+    """A process killed mid-run: the launcher's one line comes after the others' progress bars,
+    which leave their line open; it must still start a line (`error: ...`)."""
+    import io
+    import signal
+
+    from seg_accel.cli.launch import _outcome, _StderrFilter
+
+    errors = _StderrFilter(io.BytesIO(), io.BytesIO())
+    errors.feed(before)
+    errors.root = (1, -signal.SIGKILL)
+    assert _outcome(1, errors, lambda why: why, 2) == 1
+    err = capsys.readouterr().err
+    assert err == ("\n" if lead else "") + "error: process 1 of 2 was killed (SIGKILL)\n"
