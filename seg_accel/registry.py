@@ -238,6 +238,9 @@ def _torch_optimizer_names() -> list[str]:
     return [n for n in dir(torch.optim) if _torch_optimizer(n) is not None]
 
 
+# transformers' mask-classification models that seg-accel trains for semantic segmentation
+MASK_CLASSIFICATION_MODELS = ("Mask2FormerForUniversalSegmentation", "MaskFormerForInstanceSegmentation")
+
 # segmentation_models_pytorch's architectures, named ``smp.<name>`` in configs (checked against
 # smp itself in tests/unit/test_smp.py; listed here so that naming them imports nothing)
 SMP_ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet",
@@ -246,7 +249,7 @@ SMP_ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "Deep
 
 def _library_model(name: str) -> Any:
     """``smp.<architecture>`` (imports segmentation_models_pytorch only then) or a transformers
-    ``*ForSemanticSegmentation`` class."""
+    ``*ForSemanticSegmentation`` class (or Mask2Former, MaskFormer)."""
     if name.startswith("smp."):
         if name[4:] not in SMP_ARCHITECTURES:
             raise ConfigError(f"unknown segmentation_models_pytorch architecture '{name}'."
@@ -254,7 +257,7 @@ def _library_model(name: str) -> Any:
         import segmentation_models_pytorch
 
         return getattr(segmentation_models_pytorch, name[4:])
-    if not (name.endswith("ForSemanticSegmentation")):
+    if not (name.endswith("ForSemanticSegmentation") or name in MASK_CLASSIFICATION_MODELS):
         return None
     import transformers
 
@@ -265,7 +268,7 @@ def _library_model_names() -> list[str]:
     import transformers
 
     return [n for n in dir(transformers) if n.endswith("ForSemanticSegmentation")] + \
-        [f"smp.{a}" for a in SMP_ARCHITECTURES]
+        list(MASK_CLASSIFICATION_MODELS) + [f"smp.{a}" for a in SMP_ARCHITECTURES]
 
 
 LOSSES = Registry(

@@ -161,10 +161,11 @@ class Trainer:
         family = family_of_model(model)
         aux_trained = len(self.head_losses) > 1
         self.forward = family.forward_fn(model, auxiliary=aux_trained)
+        self.objective = family.training_objective(model, cfg.ignore_index, cfg.seed)  # None: the heads' losses
         find_unused = cfg.find_unused_parameters
         self.ddp_kwargs.find_unused_parameters = family.needs_unused_parameter_search(model, aux_trained) \
             if find_unused is None else find_unused
-        notes = []
+        notes = [self.objective.describe()] if self.objective is not None else []
         if cfg.sync_bn or getattr(model, "seg_accel_sync_bn", False):  # or MMSegmentation's SyncBN
             model, note = convert_sync_bn(model, acc.num_processes, acc.device.type)
             notes.append(note)
@@ -273,10 +274,8 @@ class Trainer:
     def _optimizer_stepped(self) -> None:
         self.loop.optimizer_steps += 1
 
-    iter = property(lambda self: self.loop.iter)  # the loop's counters, read-only from outside
-    epoch = property(lambda self: self.loop.epoch)
-    optimizer_steps = property(lambda self: self.loop.optimizer_steps)
-    scheduled = property(lambda self: self.loop.scheduled)
+    iter, epoch = property(lambda self: self.loop.iter), property(lambda self: self.loop.epoch)  # read-only counters
+    optimizer_steps, scheduled = property(lambda self: self.loop.optimizer_steps), property(lambda self: self.loop.scheduled)
 
     @property
     def run_info(self) -> Callable[[], dict[str, Any]]:
@@ -297,14 +296,15 @@ class Trainer:
         waited = time.perf_counter() - start
         self.epoch_log.update(batch)
         self.loop.samples += len(batch["indices"])
-        device = self.accelerator.device
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
         if self.cfg.channels_last:
             batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
         return batch, waited
 
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         """The forward pass and every head's losses: (total to backpropagate, values to log)."""
+        if self.objective is not None:
+            return self.objective(self.model, batch, self.loop.iter)
         out = self.forward(self.model, batch["pixel_values"])
         total, logs = 0.0, {}
         for losses, logits in zip(self.head_losses, (out.logits, out.aux_logits)):

@@ -1,8 +1,8 @@
 """Models: the interface every trainable network meets, and the families that build, export and load them.
 
-Importing this package registers seg-accel's own families (mmseg, smp, transformers, then any module);
+Importing this package registers seg-accel's own families (mmseg, smp, mask classification, transformers, then any module);
 segmentation_models_pytorch itself is imported only when a config or export names it."""
-from seg_accel.models import hf, mmseg, modules, smp  # noqa: F401  (register the mmseg, smp, transformers, module families)
+from seg_accel.models import hf, mask_classification, mmseg, modules, smp  # noqa: F401  (register the families)
 from seg_accel.models.builder import (
     build_empty_model,
     build_model,

@@ -203,6 +203,12 @@ class ModelFamily:
 
         return forward
 
+    def training_objective(self, model: nn.Module, ignore_index: int, seed: int) -> Any | None:
+        """The family's own training objective, ``f(wrapped_model, batch, iteration) -> (total,
+        logs)`` (with a ``describe()`` line for the run summary), or None: the heads' per-pixel
+        losses on ``forward_fn``'s logits (every family but mask classification)."""
+        return None
+
     def needs_unused_parameter_search(self, model: nn.Module, aux_trained: bool) -> bool:
         """Whether DDP must look for parameters without gradients (``find_unused_parameters``)."""
         return False
