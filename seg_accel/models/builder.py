@@ -209,7 +209,7 @@ def export_model(model: nn.Module, folder: Path, classes: list[str], processor: 
     config[family.export_metadata_prefix + EXPORT_FAMILY_KEY] = family.name  # which family loads it again
     config_file.write_text(json.dumps(config, indent=2) + "\n")
     if processor is not None:
-        processor.save_pretrained(folder)
+        family.export_processor(processor).save_pretrained(folder)
 
 
 # --------------------------------------------------------------------------- BatchNorm

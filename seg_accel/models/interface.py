@@ -257,6 +257,12 @@ class ModelFamily:
             state.update(load_file(str(file)))
         return state
 
+    def export_processor(self, processor: Any) -> Any:
+        """The image processor an export holds, from seg-accel's (a ``SegformerImageProcessor``
+        with the test pipeline's settings): a family whose library post-processes with another
+        processor class returns one with the same settings."""
+        return processor
+
     def id2label(self, config: dict[str, Any]) -> dict[str, str]:
         """The class names of an export (``{"0": name, ...}``) from its ``config.json``."""
         return dict(config.get("id2label") or {})

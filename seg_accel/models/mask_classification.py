@@ -19,6 +19,7 @@ aug-test merge and the probability maps use). The export is transformers' own fo
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ from seg_accel.errors import ConfigError
 from seg_accel.losses.mask_classification import MaskClassificationLoss, MaskLossSettings, image_draw, semantic_targets
 from seg_accel.models.families import register_family
 from seg_accel.models.hf import TransformersFamily
-from seg_accel.models.interface import SegOutput, as_seg_output
+from seg_accel.models.interface import EXPORT_CONFIG, SegOutput, as_seg_output
 
 if TYPE_CHECKING:
     from seg_accel.config.schema import ModelConfig
@@ -217,16 +218,43 @@ class MaskClassificationFamily(TransformersFamily):
         return forward
 
     def needs_unused_parameter_search(self, model: nn.Module, aux_trained: bool) -> bool:
-        return False
+        # transformers' Swin (and other) backbones keep a final layernorm that the pixel decoder,
+        # which reads the stages' own norms, never uses
+        return True
 
     def backbone(self, model: nn.Module) -> tuple[str, nn.Module] | None:
         encoder = model.model.pixel_level_module.encoder
         return ("backbone", encoder)
 
     # -- export ---------------------------------------------------------------------------
+    def export(self, model: nn.Module, folder: Path, classes: list[str],
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        super().export(model, folder, classes, state_dict)
+        if model.config.model_type == "maskformer" and model.config.use_auxiliary_loss:
+            # transformers 5's MaskFormer with use_auxiliary_loss fails in every forward that does not ask
+            # for output_hidden_states (as from_pretrained + pipeline call it); the switch only concerns training
+            config_file = Path(folder) / EXPORT_CONFIG
+            config = json.loads(config_file.read_text())
+            config["use_auxiliary_loss"] = False
+            config_file.write_text(json.dumps(config, indent=2) + "\n")
+
     def load_export(self, folder: Path, config: dict[str, Any], trust_remote_code: bool = False) -> nn.Module:
         model = self.model_cls.from_pretrained(folder)
         return install_semantic_output(model)
+
+    def export_processor(self, processor: Any) -> Any:
+        """transformers' own processor class for the model (its ``post_process_semantic_segmentation``
+        reads the queries), with the settings of seg-accel's processor."""
+        import transformers
+
+        prefix = "Mask2Former" if self.model_cls.__name__.startswith("Mask2Former") else "MaskFormer"
+        settings = {k: v for k, v in processor.to_dict().items()
+                    if k in ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_resize",
+                             "size")}
+        if settings.get("do_resize") is False:
+            settings.pop("size", None)
+        cls = getattr(transformers, f"{prefix}ImageProcessorPil", None) or getattr(transformers, f"{prefix}ImageProcessor")
+        return cls(**settings, do_reduce_labels=False, ignore_index=255)
 
     def describe_export(self, config: dict[str, Any]) -> dict[str, str]:
         return {**super().describe_export(config), "pipeline": "image-segmentation"}

@@ -29,7 +29,7 @@ TINY_MASK2FORMER = {
 }
 TINY_MASKFORMER = {
     "type": "MaskFormerForInstanceSegmentation",
-    "config": {"backbone_config": SWIN, "fpn_feature_size": 32, "mask_feature_size": 32, "num_queries": 8,
+    "config": {"backbone_config": SWIN, "fpn_feature_size": 32, "mask_feature_size": 32,
                "use_auxiliary_loss": True,
                "decoder_config": {"model_type": "detr", "d_model": 32, "encoder_layers": 1, "decoder_layers": 2,
                                   "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
@@ -44,6 +44,8 @@ def mask_config(kind: str = "mask2former", iters: int = 2) -> dict:
     cfg["runner"]["max_iters"] = iters
     cfg["data"]["train"]["num_samples"] = 8
     cfg["data"]["val"]["num_samples"] = 2
+    for split in ("train", "val"):  # at 32x32 the last stage is 1x1: its GroupNorm needs more at batch 1
+        cfg["data"][split]["img_size"] = [64, 64]
     return cfg
 
 
@@ -268,3 +270,25 @@ def test_training_logs_each_term_and_says_how_many_layers_add_auxiliary_terms(tm
     final = tmp_path / "work" / "final"
     reloaded = transformers.Mask2FormerForUniversalSegmentation.from_pretrained(final)
     assert reloaded.config.id2label[3] == "triangle"
+
+
+@pytest.mark.slow  # three launches, about 35 s
+@pytest.mark.multiprocess
+def test_two_processes_of_two_images_train_what_one_process_of_four_trains(tmp_path):
+    """Same loss and same gradients (to 1e-5); with per-process mask counts they differ."""
+    from tests.conftest import accelerate_launch
+
+    results = {}
+    for name, processes, extra in (("one", 1, []), ("two", 2, []), ("per_process", 2, ["--per-process"])):
+        out = tmp_path / f"{name}.pt"
+        run = accelerate_launch(["-m", "tests.integration.mask_grads", str(out), *extra], REPO, processes)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        results[name] = torch.load(out)
+    one, two, per_process = results["one"], results["two"], results["per_process"]
+    assert len(one["grads"]) == one["params"] - 2  # every parameter learns but Swin's unused final layernorm
+    assert torch.allclose(one["loss"], two["loss"], rtol=1e-5, atol=1e-5), (one["loss"], two["loss"])
+    for name, grad in one["grads"].items():
+        assert torch.allclose(grad, two["grads"][name], rtol=1e-4, atol=1e-5), name
+    differs = [name for name, grad in one["grads"].items()
+               if not torch.allclose(grad, per_process["grads"][name], rtol=1e-4, atol=1e-5)]
+    assert not torch.allclose(one["loss"], per_process["loss"], rtol=1e-3) and len(differs) > len(one["grads"]) // 2
