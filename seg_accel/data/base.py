@@ -217,11 +217,14 @@ class SegDataset(Dataset):
             rng = np.random.default_rng(seed)
             for transform in self.transforms:
                 results = transform(results, rng)
-            return {
+            sample = {
                 "pixel_values": results["img"].contiguous(),
                 "labels": original_label if self.test_mode else results["gt_seg_map"].contiguous(),
                 "index": index,
             }
+            if "valid_hw" in results:  # padded: the size of the image's own pixels (top left)
+                sample["valid_hw"] = tuple(int(v) for v in results["valid_hw"])
+            return sample
 
     def __getitem__(self, key: int | tuple[int, int] | tuple[int, int, int]) -> dict[str, Any]:
         index, seed, epoch = (*key, 0)[:3] if isinstance(key, tuple) else (key, None, 0)

@@ -81,9 +81,17 @@ def collate(samples: list[dict[str, Any]], key: str = "data") -> dict[str, Any]:
     with one_thread():
         pixel_values = torch.stack([s["pixel_values"] for s in samples])
         labels = torch.stack([s["labels"] for s in samples])
+    padded = {}
+    if any("valid_hw" in s for s in samples):  # 1 on each image's own pixels, 0 on the Pad transform's
+        mask = torch.zeros((len(samples), *pixel_values.shape[-2:]), dtype=torch.uint8)
+        for row, sample in zip(mask, samples):
+            h, w = sample.get("valid_hw", pixel_values.shape[-2:])
+            row[:h, :w] = 1
+        padded["pixel_mask"] = mask
     return {
         "pixel_values": pixel_values,
         "labels": labels,
+        **padded,
         "indices": torch.tensor([s["index"] for s in samples]),
         "epochs": torch.tensor([s.get("epoch", 0) for s in samples]),
         "repeated": torch.tensor([bool(s.get("repeat", False)) for s in samples]),

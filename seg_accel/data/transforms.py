@@ -285,7 +285,9 @@ class Normalize:
 @TRANSFORMS.register()
 class Pad:
     """Pad bottom/right to ``size = [h, w]`` (or to a multiple of ``size_divisor``);
-    images with ``pad_val``, labels with ``seg_pad_val`` (ignored by losses and metrics)."""
+    images with ``pad_val``, labels with ``seg_pad_val`` (ignored by losses and metrics). The
+    unpadded size is kept: batches then carry a ``pixel_mask`` (1 on the image's own pixels),
+    with which inference, and the mask-classification models' training, leave the padding out."""
 
     def __init__(
         self,
@@ -309,6 +311,7 @@ class Pad:
             d = self.size_divisor
             th, tw = -(-h // d) * d, -(-w // d) * d
         if (th, tw) != (h, w):
+            results.setdefault("valid_hw", (h, w))  # the image's own pixels: the batch's pixel_mask
             results["img"] = F.pad(results["img"], (0, tw - w, 0, th - h), value=self.pad_val)
             if "gt_seg_map" in results:
                 results["gt_seg_map"] = F.pad(results["gt_seg_map"], (0, tw - w, 0, th - h), value=self.seg_pad_val)

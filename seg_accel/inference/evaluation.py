@@ -87,7 +87,8 @@ def collect_confusion(
         for batch in tqdm(loader, desc="eval", disable=not show_progress, leave=False, dynamic_ncols=True):
             pixel_values = batch["pixel_values"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
-            scores = inferencer.scores(model, pixel_values, labels.shape[-2:])
+            mask = batch.get("pixel_mask")
+            scores = inferencer.scores(model, pixel_values, labels.shape[-2:], mask.to(device) if mask is not None else None)
             pred = inferencer.predict(scores)
             cm += confusion_matrix(pred, labels, num_classes, ignore_index)
             if histogram is not None:

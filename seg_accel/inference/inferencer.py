@@ -33,6 +33,11 @@ def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[
     return windows
 
 
+def valid_sizes(pixel_mask_nhw: torch.Tensor) -> list[tuple[int, int]]:
+    """Each image's own (h, w) in a padded batch (its pixels are the top-left rectangle)."""
+    return [(int(m.any(1).sum()), int(m.any(0).sum())) for m in pixel_mask_nhw]
+
+
 class Inferencer:
     """``scores(model, pixel_values, size)``: logits (or, with test-time augmentation, averaged
     probabilities) of shape ``(N, C, *size)``; ``predict`` turns them into class ids."""
@@ -72,7 +77,13 @@ class Inferencer:
         return total / count
 
     @torch.no_grad()
-    def scores(self, model: torch.nn.Module, pixel_values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def scores(self, model: torch.nn.Module, pixel_values: torch.Tensor, size: tuple[int, int],
+               pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """With a ``pixel_mask`` (a batch the Pad transform padded), each image is inferred on its
+        own pixels only: padding changes nothing."""
+        if pixel_mask is not None and not bool(pixel_mask.all()):
+            return torch.cat([self.scores(model, x[None, :, :h, :w], size)
+                              for x, (h, w) in zip(pixel_values, valid_sizes(pixel_mask))])
         if not self.augmented:
             return resize_logits(self._logits(model, pixel_values), size, self.align_corners)
         probs = None

@@ -226,9 +226,11 @@ class Predictor:
         return results["img"].contiguous()
 
     @torch.no_grad()
-    def predict_batch(self, pixel_values: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_batch(self, pixel_values: torch.Tensor, size: tuple[int, int],
+                      pixel_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(labels (N, H, W), probs (N, C, H, W))`` at ``size`` for a prepared batch."""
-        scores = self.inferencer.scores(self.model, pixel_values.to(self.device), tuple(size))
+        scores = self.inferencer.scores(self.model, pixel_values.to(self.device), tuple(size),
+                                        pixel_mask.to(self.device) if pixel_mask is not None else None)
         if self.inferencer.augmented:  # already averaged probabilities
             probs = scores
         else:
@@ -295,7 +297,8 @@ class Predictor:
         with tqdm(total=len(dataset), desc="predict", disable=not (progress and main), dynamic_ncols=True) as bar:
             for batch in loader:
                 try:
-                    labels, prob_maps = self.predict_batch(batch["pixel_values"], batch["labels"].shape[-2:])
+                    labels, prob_maps = self.predict_batch(batch["pixel_values"], batch["labels"].shape[-2:],
+                                                           batch.get("pixel_mask"))
                 except DataError as exc:  # name the images
                     raise DataError(f"{', '.join(names[i] for i in batch['indices'].tolist())}: {exc}") from exc
                 for index, label, prob in zip(batch["indices"].tolist(), labels.cpu().numpy(),

@@ -292,3 +292,34 @@ def test_two_processes_of_two_images_train_what_one_process_of_four_trains(tmp_p
     differs = [name for name, grad in one["grads"].items()
                if not torch.allclose(grad, per_process["grads"][name], rtol=1e-4, atol=1e-5)]
     assert not torch.allclose(one["loss"], per_process["loss"], rtol=1e-3) and len(differs) > len(one["grads"]) // 2
+
+
+def test_a_padded_batch_carries_a_pixel_mask_and_inference_leaves_the_padding_out():
+    """The Pad transform's padding reaches the batch as a pixel_mask; a padded and an unpadded
+    copy of one image get equal scores (without the mask, the padding would change them)."""
+    from seg_accel.data.loader import collate
+    from seg_accel.data.transforms import Pad
+    from seg_accel.inference.inferencer import Inferencer
+
+    generator = torch.Generator().manual_seed(4)
+    image = torch.randn(3, 48, 40, generator=generator)
+    label = torch.randint(0, 4, (48, 40), generator=generator)
+    padded = Pad(size=[64, 64])({"img": image.clone(), "gt_seg_map": label.clone()}, None)
+    assert padded["valid_hw"] == (48, 40) and padded["img"].shape == (3, 64, 64)
+    other = Pad(size=[64, 64])({"img": torch.randn(3, 64, 64), "gt_seg_map": torch.zeros(64, 64, dtype=torch.long)},
+                               None)
+    assert "valid_hw" not in other  # nothing to pad: no mask entry
+    batch = collate([{"pixel_values": padded["img"], "labels": padded["gt_seg_map"], "index": 0,
+                      "valid_hw": padded["valid_hw"]},
+                     {"pixel_values": other["img"], "labels": other["gt_seg_map"], "index": 1}])
+    mask = batch["pixel_mask"]
+    assert mask.shape == (2, 64, 64) and int(mask[0].sum()) == 48 * 40 and bool(mask[1].all())
+    assert "pixel_mask" not in collate([{"pixel_values": other["img"], "labels": other["gt_seg_map"], "index": 1}])
+
+    model = build("mask2former").eval()
+    for inferencer in (Inferencer(None), Inferencer(type("T", (), {"img_ratios": [0.75, 1.0], "flip": True})())):
+        alone = inferencer.scores(model, image[None], (48, 40))
+        in_batch = inferencer.scores(model, batch["pixel_values"], (48, 40), mask)
+        assert torch.allclose(in_batch[0], alone[0], atol=1e-5)
+    without = Inferencer(None).scores(model, padded["img"][None], (64, 64))[..., :48, :40]
+    assert not torch.allclose(without, Inferencer(None).scores(model, image[None], (48, 40)), atol=1e-3)
