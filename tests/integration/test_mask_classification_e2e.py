@@ -113,3 +113,19 @@ def test_a_mask_classification_model_pushed_to_the_hub_loads_with_a_card(kind, t
     assert "post_process_semantic_segmentation" in card.text and f'from_pretrained("{repo_id}")' in card.text
     model = getattr(transformers, cfg["model"]["type"]).from_pretrained(repo_id)
     assert model.config.id2label[1] == "circle"
+
+
+@pytest.mark.parametrize("kind", ["mask2former", "maskformer"])
+def test_the_export_works_in_transformers_pipeline(kind, tmp_path, fresh_accelerate):
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import make_trainer
+
+    trainer, _ = make_trainer(tmp_path, mask_config(kind, iters=1))
+    trainer.train()
+    segmenter = transformers.pipeline("image-segmentation", model=str(tmp_path / "work" / "final"), subtask="semantic")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8))
+    found = segmenter(image)
+    assert found and all(f["label"] in ("background", "circle", "square", "triangle") for f in found)
+    assert all(f["mask"].size == (80, 64) for f in found)

@@ -30,11 +30,18 @@ OTHER = [p for p in FILES if p not in TRAINING + BASES + LAUNCH]
 RECIPE_PARAMS = {
     "upernet_convnext-t_8xb2-amp-160k_ade20k-512x512.yaml": 60,
     "upernet_swin-t_8xb2-160k_ade20k-512x512.yaml": 60,
+    # Mask2Former's and MaskFormer's papers: R50 44M, Swin-T 47M; MaskFormer R50 41M
+    "mask2former_r50_8xb2-160k_ade20k-512x512.yaml": 44,
+    "mask2former_swin-t_8xb2-160k_ade20k-512x512.yaml": 47,
+    "mask2former_r50_8xb2-90k_cityscapes-512x1024.yaml": 44,
+    "mask2former_swin-t_8xb2-90k_cityscapes-512x1024.yaml": 47,
+    "maskformer_r50-d32_8xb2-160k_ade20k-512x512.yaml": 41,
 }
 
 
 # the table of the smp recipes in docs/models.md (parameter counts measured by the test below)
 SMP_TABLE = (REPO / "docs" / "models.md").read_text().split("<!-- smp recipes -->", 2)[1]
+MASK_TABLE = (REPO / "docs" / "models.md").read_text().split("<!-- mask classification recipes -->", 2)[1]
 
 
 def ids(paths: list[Path]) -> list[str]:
@@ -71,9 +78,10 @@ def test_training_config_loads_validates_and_builds_its_model(path, monkeypatch)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     if path.name in RECIPE_PARAMS:
         assert abs(params - RECIPE_PARAMS[path.name]) / RECIPE_PARAMS[path.name] < 0.05, params
-    if path.parent.name == "smp":  # the parameter counts docs/models.md gives, as measured here
-        assert f"| `{path.relative_to(REPO)}` |" in SMP_TABLE and f"| {params:.2f}M |" in \
-            SMP_TABLE.split(f"| `{path.relative_to(REPO)}` |", 1)[1].split("\n", 1)[0], (path, params)
+    for folders, table in ((("smp",), SMP_TABLE), (("mask2former", "maskformer"), MASK_TABLE)):
+        if path.parent.name in folders:  # the parameter counts docs/models.md gives, as measured here
+            assert f"| `{path.relative_to(REPO)}` |" in table and f"| {params:.2f}M |" in \
+                table.split(f"| `{path.relative_to(REPO)}` |", 1)[1].split("\n", 1)[0], (path, params)
     if params < 5:  # the small example models also run a forward pass
         with torch.no_grad():
             logits = segmentation_logits(model.eval(), torch.randn(1, 3, 64, 64))
@@ -81,8 +89,11 @@ def test_training_config_loads_validates_and_builds_its_model(path, monkeypatch)
 
 
 def test_recipes_name_their_pretrained_weights_and_dataset():
-    recipes = [p for p in TRAINING if p.parent.name in ("segformer", "upernet", "dpt", "beit")]
-    assert len(recipes) == 16  # SegFormer B0-B5 x ADE20K/Cityscapes, UperNet ConvNeXt + Swin, DPT, BEiT
+    recipes = [p for p in TRAINING if p.parent.name in ("segformer", "upernet", "dpt", "beit", "mask2former",
+                                                         "maskformer")]
+    # SegFormer B0-B5 x ADE20K/Cityscapes, UperNet ConvNeXt + Swin, DPT, BEiT, Mask2Former R50/Swin-T x
+    # ADE20K/Cityscapes, MaskFormer R50
+    assert len(recipes) == 21
     for path in recipes:
         model = load_config(path).dict["model"]
         assert model.get("pretrained") or model.get("backbone_pretrained"), path
