@@ -116,7 +116,7 @@ def test_a_mask_classification_model_pushed_to_the_hub_loads_with_a_card(kind, t
 
 
 @pytest.mark.parametrize("kind", ["mask2former", "maskformer"])
-def test_the_export_works_in_transformers_pipeline(kind, tmp_path, fresh_accelerate):
+def test_the_export_works_in_transformers_pipeline_and_seg_accel_predict(kind, tmp_path, fresh_accelerate):
     import numpy as np
     from PIL import Image
 
@@ -129,3 +129,19 @@ def test_the_export_works_in_transformers_pipeline(kind, tmp_path, fresh_acceler
     found = segmenter(image)
     assert found and all(f["label"] in ("background", "circle", "square", "triangle") for f in found)
     assert all(f["mask"].size == (80, 64) for f in found)
+
+    # seg-accel predict: labels, overlays and probability maps that sum to 1 with the labels as argmax
+    (tmp_path / "images").mkdir()
+    for i, size in enumerate([(64, 80), (72, 64)]):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"im{i}.png")
+    out = tmp_path / "out"
+    proc = run_script(["-m", "seg_accel", "predict", str(tmp_path / "work" / "final"), str(tmp_path / "images"),
+                       "--out", str(out), "--probs", "npy", "--probs-dtype", "float32"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for i, size in enumerate([(64, 80), (72, 64)]):
+        labels = np.asarray(Image.open(out / "labels" / f"im{i}.png"))
+        probs = np.load(out / "probs" / f"im{i}.npy")
+        assert labels.shape == size and probs.shape == (4, *size) and (out / "overlays" / f"im{i}.png").is_file()
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+        assert (probs.argmax(0) == labels).all()

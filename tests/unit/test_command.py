@@ -41,7 +41,8 @@ def test_usage_version_and_unknown_command(capsys):
 
 def test_list_configs_and_train_by_packaged_name(capsys):
     assert main(["list-configs", "demo"]) == 0
-    assert capsys.readouterr().out.split() == ["demo/segformer_synthetic", "demo/segformer_thin_curves"]
+    assert capsys.readouterr().out.split() == ["demo/mask2former_synthetic", "demo/segformer_synthetic",
+                                              "demo/segformer_thin_curves"]
     from seg_accel.cli.common import resolve_config
 
     packaged = REPO / "seg_accel" / "configs" / "demo" / "segformer_synthetic.yaml"
