@@ -323,3 +323,22 @@ def test_a_padded_batch_carries_a_pixel_mask_and_inference_leaves_the_padding_ou
         assert torch.allclose(in_batch[0], alone[0], atol=1e-5)
     without = Inferencer(None).scores(model, padded["img"][None], (64, 64))[..., :48, :40]
     assert not torch.allclose(without, Inferencer(None).scores(model, image[None], (48, 40)), atol=1e-3)
+
+
+def test_backbone_pretrained_fills_the_pixel_level_encoder(tmp_path):
+    """``backbone_pretrained`` (a save_pretrained folder of a Swin model here; a Hub id such as
+    microsoft/swin-tiny-patch4-window7-224 in the recipes) loads into Mask2Former's backbone."""
+    from seg_accel.config.schema import ModelConfig
+    from seg_accel.config.types import parse_section
+    from seg_accel.models import build_model
+
+    swin = {k: v for k, v in SWIN.items() if k not in ("model_type", "out_features")}
+    torch.manual_seed(7)
+    source = transformers.SwinModel(transformers.SwinConfig(**swin))
+    source.save_pretrained(tmp_path / "swin")
+    cfg = copy.deepcopy(TINY_MASK2FORMER)
+    cfg["backbone_pretrained"] = str(tmp_path / "swin")
+    model = build_model(parse_section(cfg, ModelConfig, "model"), CLASSES)
+    encoder = model.model.pixel_level_module.encoder.state_dict()
+    loaded = {f"swin.{k}": v for k, v in source.state_dict().items() if f"swin.{k}" in encoder}  # SwinBackbone's names
+    assert len(loaded) > 20 and all(torch.equal(encoder[k], v) for k, v in loaded.items())
