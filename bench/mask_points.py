@@ -14,6 +14,7 @@ Run: python bench/mask_points.py [--size 512] [--batch 2] [--iters 5] [--points 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -90,21 +91,13 @@ def main() -> None:
     print("| mask loss on | machine | ms/iter | vs every pixel | peak RSS (MiB) | growth in the loop (MiB) |")
     print("|---|---|---|---|---|---|")
     for loaded in ([False] if args.no_load else [False, True]):
-        with competing_load() if loaded else _idle():
+        with competing_load() if loaded else contextlib.nullcontext():
             full = run_setting(0, args)
             rows = [("every pixel (train_num_points: 0)", full)]
             rows += [(f"{p} points per mask", run_setting(p, args)) for p in args.points]
             for name, row in rows:
                 print(f"| {name} | {describe(loaded)} | {row['ms']:.1f} | {row['ms'] / full['ms']:.2f}x | "
                       f"{row['peak_mib']:.0f} | {row['growth_mib']:.0f} |", flush=True)
-
-
-class _idle:
-    def __enter__(self):
-        return 0
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

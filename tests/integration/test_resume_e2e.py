@@ -82,6 +82,35 @@ def json_records(work_dir):
     return [r for r in records if r["mode"] == "train"]
 
 
+def killed_and_resumed(tmp_path, cfg: dict, at: int, last: int, keys: tuple[str, ...]):
+    """Train ``cfg`` on 2 processes uninterrupted (work dir A) and again killed by SIGKILL right
+    after the checkpoint of iteration ``at``, then resumed (B); the final weights are bitwise
+    equal and so are the logged ``keys`` of iterations ``at + 1 .. last``. ``cfg`` imports the
+    module ``killers`` (KILLER). Returns the path of A's config."""
+    train = str(REPO / "scripts/train.py")
+    (tmp_path / "killers.py").write_text(KILLER)
+    path_a = write_yaml(tmp_path / "a.yaml", cfg)
+    run_a = accelerate_launch([train, str(path_a), "--work-dir", str(tmp_path / "A")], cwd=tmp_path)
+    assert run_a.returncode == 0, run_a.stdout[-3000:] + run_a.stderr[-3000:]
+    path_b = write_yaml(tmp_path / "b.yaml", {**cfg, "custom_hooks": [{"type": "KillAfterCheckpoint", "at": at,
+                                                                      "priority": 55}]})
+    killed = accelerate_launch([train, str(path_b), "--work-dir", str(tmp_path / "B")], cwd=tmp_path)
+    assert killed.returncode != 0 and latest_checkpoint(tmp_path / "B").name == f"iter_{at}"
+    resumed = accelerate_launch([train, str(path_b), "--work-dir", str(tmp_path / "B"), "--cfg-options",
+                                 "custom_hooks=[]", "auto_resume=true"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"continuing at iteration {at + 1}" in resumed.stdout
+    a = load_file(str(tmp_path / "A" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "B" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    logged_a = {r["iter"]: r for r in json_records(tmp_path / "A")}
+    logged_b = {r["iter"]: r for r in json_records(tmp_path / "B")}
+    for i in range(at + 1, last + 1):
+        for key in keys:
+            assert logged_b[i][key] == logged_a[i][key], (i, key)
+    return path_a
+
+
 def exact_resume_config(data_dir):
     cfg = tiny_config(
         custom_imports={"imports": ["killers"]},

@@ -6,11 +6,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from seg_accel.runtime.checkpoints import latest_checkpoint
 from tests.conftest import REPO, accelerate_launch, run_script, script_env, write_yaml
-from tests.integration.test_resume_e2e import KILLER, json_records
+from tests.integration.test_resume_e2e import json_records, killed_and_resumed
 from tests.unit.test_smp import SIDE, TINY, smp_config
 
 smp = pytest.importorskip("segmentation_models_pytorch")
@@ -46,27 +44,8 @@ def resume_config(arch: str) -> dict:
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("arch", ["Unet", "DeepLabV3Plus", "FPN"])
 def test_resume_after_sigkill_is_bitwise_then_evaluate_export_and_reload(arch, tmp_path):
-    (tmp_path / "killers.py").write_text(KILLER)
     cfg = resume_config(arch)
-    path_a = write_yaml(tmp_path / "a.yaml", cfg)
-    run_a = accelerate_launch([TRAIN, str(path_a), "--work-dir", str(tmp_path / "A")], cwd=tmp_path)
-    assert run_a.returncode == 0, run_a.stdout[-3000:] + run_a.stderr[-3000:]
-    path_b = write_yaml(tmp_path / "b.yaml", {**cfg, "custom_hooks": [{"type": "KillAfterCheckpoint", "at": 6,
-                                                                      "priority": 55}]})
-    killed = accelerate_launch([TRAIN, str(path_b), "--work-dir", str(tmp_path / "B")], cwd=tmp_path)
-    assert killed.returncode != 0 and latest_checkpoint(tmp_path / "B").name == "iter_6"
-    resumed = accelerate_launch([TRAIN, str(path_b), "--work-dir", str(tmp_path / "B"), "--cfg-options",
-                                 "custom_hooks=[]", "auto_resume=true"], cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "continuing at iteration 7" in resumed.stdout
-    a = load_file(str(tmp_path / "A" / "final" / "model.safetensors"))
-    b = load_file(str(tmp_path / "B" / "final" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
-    logged_a = {r["iter"]: r for r in json_records(tmp_path / "A")}
-    logged_b = {r["iter"]: r for r in json_records(tmp_path / "B")}
-    for i in range(7, 13):
-        for key in ("loss", "decode.loss_ce", "aux.loss_ce", "lr"):
-            assert logged_b[i][key] == logged_a[i][key], (i, key)
+    path_a = killed_and_resumed(tmp_path, cfg, at=6, last=12, keys=("loss", "decode.loss_ce", "aux.loss_ce", "lr"))
 
     # evaluate the final model whole, in slide windows (not multiples of the stride) and with aug-test
     final = tmp_path / "A" / "final"
